@@ -1,0 +1,125 @@
+"""Loading a sampling-ready :class:`Denoiser` from any checkpoint this package meets.
+
+Three formats are accepted:
+
+1. an *EPG network file* written by ``epg convert`` or :func:`save_network_file`:
+   ``{"epg_network_file": 1, "config": {...EPGConfig...}, "parameterization": "x0"|"edm",
+   "normalization": "imagenet"|"simple", "state_dict": {...}}``;
+2. a Lightning checkpoint of :class:`epg.lightning.finetune.FinetuneModule`: ``hyper_parameters`` hold
+   ``preset``, ``network`` (EPGConfig overrides), ``objective``, ``normalization`` and ``ema_rates``; the state dict
+   holds the online network under ``net.`` and EMA copies under ``ema_nets.<i>.`` (i indexes ``ema_rates``);
+3. a released official checkpoint (needs ``preset``; METHOD.md §12), see :func:`epg.load_official`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from epg.method.denoiser import Denoiser
+from epg.nn.network import EPGNetwork, build_network
+from epg.nn.official import load_into, load_official_network
+from epg.nn.presets import EPGConfig
+
+NETWORK_FILE_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser plus what a sampler needs to know about it."""
+
+    denoiser: Denoiser
+    normalization: str
+    source: str  # "network-file" | "lightning" | "official"
+    weights: str  # "online" or "ema:<rate>"
+
+
+def save_network_file(
+    path: str | os.PathLike, network: EPGNetwork, parameterization: str, normalization: str = "imagenet"
+) -> None:
+    """Write an EPG network file (atomically: a temporary name, then a rename)."""
+    payload = {
+        "epg_network_file": NETWORK_FILE_VERSION,
+        "config": dataclasses.asdict(network.config),
+        "parameterization": parameterization,
+        "normalization": normalization,
+        "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+    }
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _lightning_network(ckpt: dict, ema: int | None) -> tuple[EPGNetwork, str, str, str]:
+    hp = ckpt.get("hyper_parameters", {})
+    if "preset" not in hp:
+        raise ValueError("Lightning checkpoint has no 'preset' hyper-parameter: is it a FinetuneModule checkpoint?")
+    network = build_network(hp["preset"], **(hp.get("network") or {}))
+    rates = list(hp.get("ema_rates") or [])
+    if ema is not None and ema >= len(rates):
+        if rates:
+            raise ValueError(f"ema index {ema} out of range: the checkpoint keeps EMA rates {rates}")
+        ema = None  # no EMA kept: fall back to the online weights
+    prefix = "net." if ema is None else f"ema_nets.{ema}."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    load_into(network, state)
+    objective = hp.get("objective", "diffusion")
+    parameterization = "edm" if objective == "consistency" else "x0"
+    weights = "online" if ema is None else f"ema:{rates[ema]}"
+    return network, parameterization, hp.get("normalization", "imagenet"), weights
+
+
+def load_denoiser(
+    path: str | os.PathLike, ema: int | None = 0, preset: str | None = None, parameterization: str | None = None
+) -> LoadedModel:
+    """A :class:`Denoiser` in eval mode from a network file, a FinetuneModule checkpoint or an official file.
+
+    ``ema`` picks the EMA copy by index (None: the online weights); ``preset`` is needed for official files.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and ckpt.get("epg_network_file"):
+        network = EPGNetwork(EPGConfig(**ckpt["config"]))
+        load_into(network, ckpt["state_dict"])
+        param = parameterization or ckpt["parameterization"]
+        model = LoadedModel(Denoiser(network, param), ckpt.get("normalization", "imagenet"), "network-file", "stored")
+    elif isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt:
+        network, param, norm, weights = _lightning_network(ckpt, ema)
+        model = LoadedModel(Denoiser(network, parameterization or param), norm, "lightning", weights)
+    else:
+        if preset is None:
+            raise ValueError(f"{path} looks like an official checkpoint: pass its preset (e.g. --preset EPG-XL/16)")
+        network = load_official_network(ckpt, preset)
+        model = LoadedModel(Denoiser(network, parameterization or "x0"), "imagenet", "official", "stored")
+    model.denoiser.eval()
+    return model
+
+
+def load_stage1_representation(path: str | os.PathLike, preset: str | None = None, **overrides):
+    """The stage-1 online encoder + projector (METHOD.md §2.3, §3.9) from a PretrainModule checkpoint or an RCM file.
+
+    A Lightning checkpoint of :class:`epg.lightning.pretrain.PretrainModule` keeps the online network under
+    ``online.`` and its architecture in the ``preset``/``network`` hyper-parameters. An official RCM file needs
+    ``preset`` (e.g. ``RCM-B/16``).
+    """
+    from epg.nn.network import build_representation
+    from epg.nn.official import load_official_representation
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"stage-1 checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt:
+        hp = ckpt.get("hyper_parameters", {})
+        if "preset" not in hp:
+            raise ValueError(f"{path} has no 'preset' hyper-parameter: is it a PretrainModule checkpoint?")
+        network = build_representation(hp["preset"], **{**(hp.get("network") or {}), **overrides})
+        state = {k[len("online.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("online.")}
+        load_into(network, state)
+        return network
+    if preset is None:
+        raise ValueError(f"{path} looks like an official RCM checkpoint: pass its preset (e.g. RCM-B/16)")
+    return load_official_representation(ckpt, preset, **overrides)

@@ -1,0 +1,52 @@
+"""The one `epg` command: LightningCLI subcommands (fit/validate/test/predict) plus the tools.
+
+Tools are imported lazily so that `epg prepare --help` does not pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help)
+TOOLS: dict[str, tuple[str, str, str]] = {
+    "prepare": ("epg.data.prepare", "main", "turn an image tree (or the embedded demo digits) into WebDataset shards"),
+    "sample": ("epg.sample", "main", "write N samples (PNG + ADM .npz) from a checkpoint"),
+    "fid": ("epg.eval.cli", "main", "FID/IS/precision-recall: ref | gen | calc | weights | sweep"),
+    "convert": ("epg.convert", "main", "turn an official EPG checkpoint into a file epg commands accept"),
+    "bench": ("epg.bench", "main", "measure img/s, TFLOP/s and MFU; writes JSON"),
+    "demo": ("epg.demo", "main", "the whole pipeline on the embedded MNIST digits"),
+}
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _usage() -> str:
+    lines = ["usage: epg <command> [options]", "", "training (LightningCLI; -c CONFIG.yaml):"]
+    lines += [f"  {name:<10} Lightning's `{name}`" for name in LIGHTNING_SUBCOMMANDS]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in TOOLS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `epg <command> ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in TOOLS:
+        module, func, _ = TOOLS[command]
+        result = getattr(importlib.import_module(module), func)(rest)
+        return int(result or 0)
+    if command in LIGHTNING_SUBCOMMANDS:
+        from epg.lightning.cli import run_lightning_cli
+
+        run_lightning_cli([command, *rest])
+        return 0
+    print(f"epg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Glue shared by the two LightningModules: applied-update counting, skip-aware hooks, schedules, logging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
+    """Two AdamW groups: parameters whose name ends with one of ``no_decay`` get weight decay 0 (METHOD.md §4)."""
+    no_decay = tuple(no_decay)
+    decay, plain = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if no_decay and name.endswith(no_decay) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
+
+
+class EPGModule(L.LightningModule):
+    """Base module: counts applied (non-skipped) optimizer updates, which drive curricula, LR and EMA.
+
+    Under "16-mixed" a GradScaler may skip a step on inf/NaN gradients (METHOD.md §3.7); such a step does not
+    advance ``self.updates``, the LR schedule, the curricula or any EMA (METHOD.md §11). Subclasses implement
+    :meth:`on_applied_update` and :meth:`lr_multiplier`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates = 0  # applied optimizer updates; checkpointed
+        self.skipped_updates = 0
+
+    # ---- hooks for subclasses ----
+    def on_applied_update(self) -> None:
+        """Called once after every optimizer update that the grad scaler did not skip."""
+
+    def lr_multiplier(self, updates: int) -> float:
+        """LR factor for the update that follows ``updates`` applied ones."""
+        return 1.0
+
+    # ---- Lightning plumbing ----
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> dict:
+        """A per-step LambdaLR that reads the applied-update count, so a skipped step keeps its LR."""
+        fn: Callable[[int], float] = lambda _: self.lr_multiplier(self.updates)  # noqa: E731
+        return {"scheduler": LambdaLR(optimizer, fn), "interval": "step", "frequency": 1, "name": "lr"}
+
+    def make_adamw(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8):
+        """AdamW, fused on CUDA (foreach elsewhere)."""
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        before = scaler.get_scale() if scaler is not None else None
+        optimizer.step(closure=optimizer_closure)
+        if scaler is not None and scaler.get_scale() < before:
+            self.skipped_updates += 1
+            self.log("train/skipped_updates", float(self.skipped_updates), rank_zero_only=True)
+            return
+        self.updates += 1
+        self.on_applied_update()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+                self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log("train/updates", float(self.updates), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["epg_updates"] = self.updates
+        checkpoint["epg_skipped_updates"] = self.skipped_updates
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.updates = int(checkpoint.get("epg_updates", 0))
+        self.skipped_updates = int(checkpoint.get("epg_skipped_updates", 0))

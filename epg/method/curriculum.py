@@ -1,0 +1,98 @@
+"""Step-dependent schedules: stage-1 N(k) and noise pairs, the DM σ draw and weights, ECT (t, r) (METHOD.md §3–§5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from epg.method.noise import SIGMA_MAX, SIGMA_MIN, karras_grid, karras_sigma
+
+# ---- Stage 1 (METHOD.md §3.2–§3.3, §3.6) ---------------------------------------------------------------------------
+
+
+def curriculum_period(total_steps: int = 600_000, n0: int = 20, n1: int = 1280) -> int:
+    """K′ = ⌈K / log₂(⌈N₁/N₀⌉ + 1)⌉; 99,629 for the defaults (METHOD.md §3.2)."""
+    return math.ceil(total_steps / math.log2(math.ceil(n1 / n0) + 1))
+
+
+def num_scales(step: int, total_steps: int = 600_000, n0: int = 20, n1: int = 1280) -> int:
+    """N(k) = min(N₀·2^⌈k/K′⌉, N₁) + 1 grid points at optimizer step k (METHOD.md §3.2)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    period = curriculum_period(total_steps, n0, n1)
+    exponent = -(-step // period)  # integer ceil
+    return min(n0 * 2 ** min(exponent, 63), n1) + 1
+
+
+def pair_sigmas(index: int, n: int, shift: float) -> tuple[float, float, float]:
+    """(σ_a, σ_b, σ_0) in shifted units for grid index n of an N-point grid (METHOD.md §3.3)."""
+    if not 0 <= index <= n - 2:
+        raise ValueError(f"pair index {index} outside 0..{n - 2}")
+    grid = karras_grid(n)
+    return shift * float(grid[index]), shift * float(grid[index + 1]), shift * SIGMA_MIN
+
+
+def interpolated_tau(sigma: torch.Tensor | float, tau_min: float, tau_max: float) -> torch.Tensor:
+    """τ(σ) = τ_min + (σ − σ_min)/(σ_max − σ_min)·(τ_max − τ_min), σ unshifted (METHOD.md §3.6)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return tau_min + (sigma - SIGMA_MIN) / (SIGMA_MAX - SIGMA_MIN) * (tau_max - tau_min)
+
+
+def cosine_tau_max(step: int, total_steps: int, tau_start: float, tau_end: float) -> float:
+    """τ_max(k) = τ_end·cos(π/2·(1 + 1.5k/K)) + τ_start for k ≤ 2K/3, τ_end after (METHOD.md §3.6)."""
+    if step > 2 * total_steps / 3:
+        return tau_end
+    return tau_end * math.cos(math.pi / 2 * (1 + 1.5 * step / total_steps)) + tau_start
+
+
+# ---- Stage 2a, diffusion (METHOD.md §4) ----------------------------------------------------------------------------
+
+
+def dm_sigma_index(
+    batch: int,
+    p_mean: float = -1.2,
+    p_std: float = 1.6,
+    n: int = 1280,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Grid indices of log-normal σ draws snapped to the nearest N-grid point by |Δσ| (METHOD.md §4 step 2)."""
+    log_sigma = torch.randn(batch, generator=generator, dtype=torch.float64, device=device) * p_std + p_mean
+    grid = karras_grid(n).to(log_sigma.device)
+    # The grid is decreasing; nearest neighbour by absolute difference in σ, clamped to 0..N−1.
+    return (log_sigma.exp()[:, None] - grid[None, :]).abs().argmin(dim=1)
+
+
+def dm_loss_weight(index: torch.Tensor, n: int = 1280) -> torch.Tensor:
+    """w_i = 1/(σ_i − σ_{i+1}) on the unshifted N-grid, σ_N from the formula past its end (METHOD.md §4 step 4)."""
+    index = index.to(torch.float64)
+    return 1.0 / (karras_sigma(index, n) - karras_sigma(index + 1, n)).to(index.device)
+
+
+# ---- Stage 2b, consistency (METHOD.md §5.3) ------------------------------------------------------------------------
+
+
+def ect_stage(step: int, d0: int = 100_000, d1: int = 100_000, delta: int = 1) -> int:
+    """a = δ + ⌊(k − (d₀ − d₁))/d₁⌋ for k ≥ d₀, else δ (METHOD.md §5.3)."""
+    if step < d0:
+        return delta
+    return delta + (step - (d0 - d1)) // d1
+
+
+def ect_sample_tr(
+    batch: int,
+    stage: int,
+    p_mean: float = -0.4,
+    p_std: float = 1.6,
+    q: float = 2.0,
+    kappa: float = 8.0,
+    b: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unshifted (t, r): ln t ~ N(P_mean, P_std²), t ≥ σ_min, r = max(σ_min, t(1 − q^−a(1 + κ·sig(−bt)))) (§5.3)."""
+    t = (torch.randn(batch, generator=generator, dtype=torch.float64, device=device) * p_std + p_mean).exp()
+    t = t.clamp(min=SIGMA_MIN)
+    r = t * (1 - q ** (-stage) * (1 + kappa * torch.sigmoid(-b * t)))
+    return t, r.clamp(min=SIGMA_MIN)

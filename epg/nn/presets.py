@@ -1,0 +1,92 @@
+"""Named model sizes: the paper's table rows (METHOD.md §2.4) and small presets for CPU work."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EPGConfig:
+    """Architecture hyper-parameters of one EPG network (encoder + decoder + class table)."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    enc_dim: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_dim: int = 1584
+    dec_depth: int = 12
+    dec_heads: int = 22
+    num_cls_tokens: int = 1
+    num_classes: int | None = 1000  # None: unconditional (no class table)
+    mlp_ratio: float = 4.0
+    drop: float = 0.0  # decoder attention-output dropout (0 for the DM, 0.5 for the CM; METHOD.md §2.2)
+    proj_hidden: int = 4096  # stage-1 projector (METHOD.md §2.1, §10.1)
+    proj_out: int = 256
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}: "
+                "choose a patch size that divides the resolution"
+            )
+        for name in ("enc", "dec"):
+            dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
+            if dim % heads:
+                raise ValueError(f"{name}_dim {dim} is not divisible by {name}_heads {heads}")
+
+
+def _row(enc: tuple[int, int, int], dec: tuple[int, int, int], image_size: int, patch_size: int) -> EPGConfig:
+    return EPGConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        enc_depth=enc[0],
+        enc_dim=enc[1],
+        enc_heads=enc[2],
+        dec_depth=dec[0],
+        dec_dim=dec[1],
+        dec_heads=dec[2],
+    )
+
+
+# Paper rows (METHOD.md §2.4): (blocks, width, heads) for encoder and decoder. Expected parameter counts
+# (decoder + encoder + class table) are asserted in tests/test_presets.py.
+PRESETS: dict[str, EPGConfig] = {
+    "EPG-L/16": _row((16, 1024, 16), (16, 1024, 16), 256, 16),  # 540.2M, FID 8.82 as a 1-step CM
+    "EPG-XL/16": _row((12, 768, 12), (12, 1584, 22), 256, 16),  # 583.0M, FID 2.04
+    "EPG-XXL/16": _row((12, 768, 12), (12, 1920, 16), 256, 16),  # 788.9M, FID 1.87
+    "EPG-G/16": _row((12, 768, 12), (12, 2688, 21), 256, 16),  # 1391.9M, FID 1.58
+    "EPG-L/32": _row((16, 1024, 16), (16, 1024, 16), 512, 32),  # 544.9M, FID 2.35 at 512
+    # CPU presets (not in the paper): 32-px inputs, patch 4 → 64 tokens.
+    "EPG-S/4": dataclasses.replace(
+        _row((6, 256, 4), (6, 256, 4), 32, 4), num_classes=10, proj_hidden=1024, proj_out=128
+    ),
+    "EPG-T/4": dataclasses.replace(
+        _row((4, 128, 4), (4, 128, 4), 32, 4), num_classes=10, proj_hidden=512, proj_out=128
+    ),
+    "EPG-Nano/4": dataclasses.replace(_row((2, 32, 2), (2, 32, 2), 16, 4), num_classes=10, proj_hidden=64, proj_out=16),
+}
+# Stage-1 names for the encoders the paper released (METHOD.md §2.4): the encoder part of these rows.
+ALIASES = {"RCM-B/16": "EPG-XL/16", "RCM-L/16": "EPG-L/16", "RCM-B/32": "EPG-L/32"}
+# RCM-B/32 is the B encoder at 512 px: same body as RCM-B/16 with patch 32.
+_B32 = dataclasses.replace(PRESETS["EPG-XL/16"], image_size=512, patch_size=32)
+
+
+def get_config(preset: str | EPGConfig, **overrides) -> EPGConfig:
+    """Resolve a preset name (or config) and apply field overrides, with errors that name the bad option."""
+    if isinstance(preset, EPGConfig):
+        cfg = preset
+    elif preset == "RCM-B/32":
+        cfg = _B32
+    elif preset in PRESETS or preset in ALIASES:
+        cfg = PRESETS[ALIASES.get(preset, preset)]
+    else:
+        names = ", ".join([*PRESETS, *ALIASES])
+        raise ValueError(f"unknown preset {preset!r}: choose one of {names}")
+    fields = {f.name for f in dataclasses.fields(EPGConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown network option(s) {unknown}: valid options are {sorted(fields)}")
+    return dataclasses.replace(cfg, **overrides)
