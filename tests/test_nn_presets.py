@@ -1,0 +1,57 @@
+"""Parameter counts of the paper presets (METHOD.md §2.4), built on the meta device (no memory)."""
+
+import pytest
+import torch
+
+from epg import build_network, build_representation, get_config
+
+EXPECTED_M = {"EPG-L/16": 540.2, "EPG-XL/16": 583.0, "EPG-XXL/16": 788.9, "EPG-G/16": 1391.9, "EPG-L/32": 544.9}
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_M))
+def test_paper_parameter_counts(preset):
+    with torch.device("meta"):
+        net = build_network(preset)
+    assert round(count(net) / 1e6, 1) == EXPECTED_M[preset]
+    assert all(p.is_meta for p in net.parameters())
+
+
+def test_encoder_and_projector_sizes():
+    with torch.device("meta"):
+        b = build_representation("RCM-B/16")
+        large = build_representation("RCM-L/16")
+        b768 = build_representation("RCM-B/16", proj_out=768)
+    assert round(count(b.encoder) / 1e6, 1) == 85.8
+    assert round(count(large.encoder) / 1e6, 1) == 202.5
+    assert round(count(b.projection_head) / 1e6, 1) == 21.0
+    assert round(count(b768.projection_head) / 1e6, 1) == 23.1
+    assert round(count(large.projection_head) / 1e6, 1) == 22.0
+
+
+def test_decoder_head_dims_and_tokens():
+    cfg = get_config("EPG-XL/16")
+    assert cfg.dec_dim // cfg.dec_heads == 72
+    assert (cfg.image_size // cfg.patch_size) ** 2 + cfg.num_cls_tokens + 1 == 258
+    cfg512 = get_config("EPG-L/32")
+    assert (cfg512.image_size // cfg512.patch_size) ** 2 == 256
+
+
+def test_encoder_to_decoder_only_when_widths_differ():
+    with torch.device("meta"):
+        names_l = set(build_network("EPG-L/16").state_dict())
+        names_xl = set(build_network("EPG-XL/16").state_dict())
+    assert not any("encoder_to_decoder" in k for k in names_l)
+    assert "decoder.encoder_to_decoder.weight" in names_xl
+
+
+def test_bad_presets_and_options_name_the_problem():
+    with pytest.raises(ValueError, match="unknown preset 'EPG-Q/16'"):
+        get_config("EPG-Q/16")
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        get_config("EPG-T/4", image_size=30)
+    with pytest.raises(ValueError, match=r"unknown network option\(s\) \['widht'\]"):
+        get_config("EPG-T/4", widht=3)
