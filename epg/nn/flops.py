@@ -1,0 +1,54 @@
+"""Analytic FLOP counts of a preset, for throughput/MFU reporting (METHOD.md §2.4, DiT convention)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from epg.nn.presets import EPGConfig, get_config
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Multiply-adds of one forward pass per image, split by part (1 MAC = 2 FLOPs)."""
+
+    encoder_linear: float
+    decoder_linear: float
+    attention: float  # QKᵀ and AV products
+
+    @property
+    def linear(self) -> float:
+        """Linear-layer MACs: the GFLOPs column of METHOD.md §2.4."""
+        return self.encoder_linear + self.decoder_linear
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention
+
+
+def forward_macs(preset: str | EPGConfig, **overrides) -> FlopCount:
+    """MACs per image of one forward pass of the stage-2 network (encoder + decoder)."""
+    cfg = get_config(preset, **overrides)
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    tokens = patches + cfg.num_cls_tokens + 1
+    big_d, d, r = cfg.enc_dim, cfg.dec_dim, cfg.mlp_ratio
+    per_token_block = (4 + 2 * r) * big_d**2  # qkv + proj + MLP
+    enc = patches * 3 * cfg.patch_size**2 * big_d + tokens * cfg.enc_depth * per_token_block
+    dec_block = tokens * ((4 + 2 * r) * d**2 + (d + big_d) * d) + 6 * d * big_d  # + skip linear, adaLN
+    dec = cfg.dec_depth * dec_block + patches * d * 3 * cfg.patch_size**2
+    if d != big_d:
+        dec += tokens * big_d * d
+    attn = 2 * tokens**2 * (cfg.enc_depth * big_d + cfg.dec_depth * d)
+    return FlopCount(float(enc), float(dec), float(attn))
+
+
+def encoder_macs(preset: str | EPGConfig, **overrides) -> float:
+    """MACs per image of one encoder forward (stage 1), projector included."""
+    cfg = get_config(preset, **overrides)
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    tokens = patches + cfg.num_cls_tokens + 1
+    enc = (
+        patches * 3 * cfg.patch_size**2 * cfg.enc_dim
+        + tokens * cfg.enc_depth * (4 + 2 * cfg.mlp_ratio) * cfg.enc_dim**2
+    )
+    proj = cfg.enc_dim * cfg.proj_hidden + cfg.proj_hidden**2 + cfg.proj_hidden * cfg.proj_out
+    return float(enc + proj + 2 * tokens**2 * cfg.enc_depth * cfg.enc_dim)
