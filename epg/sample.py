@@ -1,0 +1,237 @@
+"""`epg sample`: N images from a checkpoint as PNGs plus an ADM-style ``<folder>.npz`` (METHOD.md §6, §8).
+
+Image i's noise and label depend only on (seed, i), so a rerun fills in exactly the missing files and any number of
+devices produces the same set. Several devices: ``--devices N`` (Lightning Fabric DDP, which relaunches the command
+line, so use it from a shell, not from a notebook) or launch under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from epg.checkpoint import load_denoiser
+from epg.method.normalization import to_uint8
+from epg.sampling import SAMPLERS, Guidance, default_steps, sample
+from epg.sampling.files import png_name, write_adm_npz, write_png
+from epg.sampling.grid import GUIDANCE_INTERVAL
+from epg.sampling.per_image import LABEL_MODES, class_labels, image_noise, loop_generators
+
+CONFIG_NAME = "sample_config.json"
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `epg sample` argument parser."""
+    p = argparse.ArgumentParser(prog="epg sample", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="EPG network file, FinetuneModule checkpoint, or official file (with --preset)")
+    p.add_argument("--out", required=True, help="folder for 000000.png …; the npz goes next to it as <out>.npz")
+    p.add_argument("--num", type=int, required=True, help="number of images (50000 for FID-50K)")
+    p.add_argument("--ema", default="0", help="EMA copy index of a Lightning checkpoint, or 'none' for online weights")
+    p.add_argument("--preset", help="architecture of an official checkpoint, e.g. EPG-XL/16")
+    p.add_argument("--parameterization", choices=("x0", "edm"), help="override the checkpoint's output form")
+    p.add_argument("--sampler", default="heun", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, help="grid levels (default: heun 32, euler 50, stochastic 32, consistency 1)")
+    p.add_argument("--append-zero", action="store_true", help="EDM form: append σ = 0, final Euler step (75 NFE)")
+    p.add_argument("--s-churn", type=float, help="stochastic sampler: S_churn (default 40)")
+    p.add_argument("--s-min", type=float, help="stochastic sampler: S_min, unshifted (default 0.05)")
+    p.add_argument("--s-max", type=float, help="stochastic sampler: S_max, unshifted (default 50)")
+    p.add_argument("--s-noise", type=float, help="stochastic sampler: S_noise (default 1.003)")
+    p.add_argument("--sigma-mid", help="consistency sampler: comma-separated σ_mid values, unshifted (2 steps: 0.821)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale w (1 = none; 2.5 for EPG-XL/16 at 256)")
+    p.add_argument("--autoguidance", type=float, help="autoguidance scale w in D_c + w·(D_c − D_poor); needs --poor")
+    p.add_argument("--poor", help="the weaker checkpoint for --autoguidance")
+    interval_help = "guidance σ interval lo,hi (unshifted; applied as (lo·s_H, hi·s_H]) or 'none' for every level"
+    p.add_argument("--interval", default=",".join(map(str, GUIDANCE_INTERVAL)), help=interval_help)
+    p.add_argument("--no-clamp", action="store_true", help="do not clamp x̂0 to [−1, 1] (METHOD.md §6.1)")
+    p.add_argument("--labels", default="balanced", choices=LABEL_MODES, help="class-balanced (§6.4) or uniform random")
+    p.add_argument("--num-classes", type=int, help="classes to draw labels from (default: the network's)")
+    p.add_argument("--batch", type=int, default=100, help="images per device batch (100 as in the paper)")
+    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="fp32 sampling unless set (§8)")
+    p.add_argument("--devices", type=int, default=1, help="devices for DDP sampling (Lightning Fabric)")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, cuda, …")
+    p.add_argument("--no-npz", action="store_true", help="write only the PNGs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"epg sample: {what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.num < 1 or args.batch < 1 or args.seed < 0 or args.devices < 1:
+        raise SystemExit("epg sample: --num, --batch and --devices must be ≥ 1 and --seed ≥ 0")
+    if args.cfg is not None and args.autoguidance is not None:
+        raise SystemExit("epg sample: choose one of --cfg and --autoguidance")
+    if (args.autoguidance is None) != (args.poor is None):
+        raise SystemExit("epg sample: --autoguidance W and --poor CKPT go together")
+    stochastic = [f for f in ("s_churn", "s_min", "s_max", "s_noise") if getattr(args, f) is not None]
+    if stochastic and args.sampler != "stochastic":
+        raise SystemExit(f"epg sample: --{stochastic[0].replace('_', '-')} is an option of --sampler stochastic")
+    if args.sigma_mid and args.sampler != "consistency":
+        raise SystemExit("epg sample: --sigma-mid is an option of --sampler consistency")
+    if args.append_zero and args.sampler == "consistency":
+        raise SystemExit("epg sample: --append-zero does not apply to --sampler consistency")
+
+
+def _sampler_options(args: argparse.Namespace) -> dict:
+    options = {f: getattr(args, f) for f in ("s_churn", "s_min", "s_max", "s_noise") if getattr(args, f) is not None}
+    if args.append_zero:
+        options["append_zero"] = True
+    if args.sigma_mid:
+        options["sigma_mid"] = _parse_floats(args.sigma_mid, "--sigma-mid")
+    return options
+
+
+def _guidance(args: argparse.Namespace, device: torch.device) -> Guidance | None:
+    interval = None if args.interval.lower() == "none" else tuple(_parse_floats(args.interval, "--interval"))
+    if interval is not None and len(interval) != 2:
+        raise SystemExit(f"epg sample: --interval takes lo,hi or 'none', got {args.interval!r}")
+    if args.cfg is not None:
+        return Guidance(args.cfg, interval)
+    if args.autoguidance is not None:
+        poor = load_denoiser(args.poor, ema=_ema(args.ema), preset=args.preset).denoiser.to(device)
+        return Guidance(args.autoguidance, interval, kind="autoguidance", poor=poor)
+    return None
+
+
+def _ema(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if not text.isdigit():
+        raise SystemExit(f"epg sample: --ema takes an EMA index (0, 1, …) or 'none', got {text!r}")
+    return int(text)
+
+
+def _identity(args: argparse.Namespace, num_classes: int | None) -> dict:
+    """What determines the images; a rerun into the same folder must match it."""
+    keys = "ema preset parameterization sampler steps cfg autoguidance poor interval no_clamp labels seed autocast"
+    keys += " append_zero s_churn s_min s_max s_noise sigma_mid"
+    identity = {k: getattr(args, k) for k in keys.split()}
+    identity.update(checkpoint=os.path.abspath(args.checkpoint), num_classes=num_classes)
+    if identity["poor"]:
+        identity["poor"] = os.path.abspath(identity["poor"])
+    if args.labels == "balanced":
+        identity["num"] = args.num  # balanced labels depend on N
+    return identity
+
+
+def _check_folder(out: Path, identity: dict, rank: int) -> None:
+    path = out / CONFIG_NAME
+    if path.exists():
+        stored = json.loads(path.read_text())
+        diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+        if diff:
+            raise SystemExit(
+                f"epg sample: {out} holds samples made with different settings ({', '.join(diff)}); "
+                f"use a fresh --out folder, or delete {path} if the change does not alter the images"
+            )
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(identity, indent=2))
+        os.replace(tmp, path)
+
+
+def _launch(args: argparse.Namespace):
+    """(fabric or None, rank, world size, device): Fabric DDP for several devices or under torchrun."""
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+    if args.devices == 1 and not torchrun:
+        if args.accelerator == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device("cuda" if args.accelerator == "gpu" else args.accelerator)
+        return None, 0, 1, device
+    from lightning import Fabric
+
+    devices = int(os.environ.get("LOCAL_WORLD_SIZE", args.devices)) if torchrun else args.devices
+    num_nodes = int(os.environ["WORLD_SIZE"]) // devices if torchrun else 1
+    fabric = Fabric(accelerator=args.accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    fabric.launch()
+    return fabric, fabric.global_rank, fabric.world_size, fabric.device
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `epg sample`."""
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    args.steps = args.steps or default_steps(args.sampler)
+    fabric, rank, world, device = _launch(args)
+    ema = _ema(args.ema)
+    model = load_denoiser(args.checkpoint, ema=ema, preset=args.preset, parameterization=args.parameterization)
+    denoiser = model.denoiser.to(device)
+    num_classes = args.num_classes or denoiser.null_label  # None: an unconditional network, no labels
+    if args.num_classes and (denoiser.null_label is None or args.num_classes > denoiser.null_label):
+        raise SystemExit(f"epg sample: --num-classes {args.num_classes} but the network has {denoiser.null_label}")
+    guidance = _guidance(args, device)
+    options = _sampler_options(args)
+    out = Path(args.out)
+    _check_folder(out, _identity(args, num_classes), rank)
+    out.mkdir(parents=True, exist_ok=True)
+
+    existing = set(os.listdir(out))
+    missing = [i for i in range(args.num) if png_name(i, args.num) not in existing]
+    mine = [i for i in missing if i % world == rank]  # fixed by index: ranks may list the folder at different times
+    shape = (3, denoiser.image_size, denoiser.image_size)
+    bar = _progress(len(missing), disabled=rank != 0 or args.no_progress)
+    for start in range(0, len(mine), args.batch):
+        batch = mine[start : start + args.batch]
+        z = image_noise(args.seed, batch, shape).to(device)
+        y = None
+        if num_classes is not None:
+            y = torch.from_numpy(class_labels(batch, args.num, num_classes, args.labels, args.seed)).to(device)
+        gens = loop_generators(args.seed, batch, device) if args.sampler in ("stochastic", "consistency") else None
+        x = sample(
+            denoiser,
+            z,
+            y,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=guidance,
+            generator=gens,
+            clamp=None if args.no_clamp else 1.0,
+            autocast=AUTOCAST[args.autocast],
+            **options,
+        )
+        for i, image in zip(batch, to_uint8(x, model.normalization).cpu().numpy(), strict=True):
+            write_png(out / png_name(i, args.num), image)
+        bar.update(min(len(batch) * world, bar.total - bar.n))
+    bar.close()
+    if fabric is not None:
+        fabric.barrier()
+    if rank == 0 and not args.no_npz:
+        _write_npz(out, args, num_classes)
+    return 0
+
+
+def _progress(total: int, disabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="epg sample", unit="img", disable=disabled, file=sys.stderr)
+
+
+def _write_npz(out: Path, args: argparse.Namespace, num_classes: int | None) -> None:
+    npz = out.with_name(out.name + ".npz")
+    names = [png_name(i, args.num) for i in range(args.num)]
+    absent = [n for n in names if not (out / n).exists()]
+    if absent:
+        raise SystemExit(f"epg sample: {len(absent)} images are missing (e.g. {absent[0]}): rerun the same command")
+    newest = max((out / n).stat().st_mtime for n in names)
+    if npz.exists() and npz.stat().st_mtime >= newest:
+        print(f"epg sample: {npz} is up to date")
+        return
+    labels = None
+    if num_classes is not None:
+        labels = class_labels(range(args.num), args.num, num_classes, args.labels, args.seed)
+    write_adm_npz(out, args.num, npz, labels)
+    print(f"epg sample: wrote {args.num} images to {out}/ and {npz}")
