@@ -48,7 +48,7 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, str, bytes, int]]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
     try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for key, ext, data, label in samples:
                 _add_member(tar, f"{key}.{ext}", data)
                 _add_member(tar, f"{key}.cls", str(int(label)).encode())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
+VAL_SOLUTION = "LOC_val_solution.csv"
 
 
 class SourceError(ValueError):
@@ -102,7 +103,9 @@ def class_order(tokens: set[str]) -> list[str]:
     return sorted(tokens)
 
 
-def scan_flat_with_labels(src: Path, labels_file: Path, classes: list[str] | None = None) -> tuple[list[Item], list[str]]:
+def scan_flat_with_labels(
+    src: Path, labels_file: Path, classes: list[str] | None = None
+) -> tuple[list[Item], list[str]]:
     """ImageNet val layout: images in one folder, classes from a labels file (matched by file name or stem)."""
     by_name = read_labels_file(labels_file)
     classes = classes or class_order(set(by_name.values()))
@@ -122,15 +125,24 @@ def scan_flat_with_labels(src: Path, labels_file: Path, classes: list[str] | Non
     return [Item(str(src / p), k, y) for p, k, y in zip(rel_paths, keys, labels, strict=True)], classes
 
 
+def find_near(src: Path, name: str) -> Path | None:
+    """The file `name` in `src` or in one of the 3 folders above it (the Kaggle ImageNet layout), if any."""
+    for folder in [src, *list(src.resolve().parents)[:3]]:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def has_flat_images(src: Path) -> bool:
+    """Whether `src` holds images directly (a val-style flat folder)."""
+    return any(p.is_file() and _is_image(p.name) for p in src.iterdir())
+
+
 def find_class_names(src: Path, names_file: Path | None) -> dict[str, str]:
     """Class names from `names_file` or a LOC_synset_mapping.txt found in `src` or up to 3 folders above it."""
+    names_file = names_file or find_near(src, SYNSET_MAPPING)
     if names_file is None:
-        for folder in [src, *list(src.resolve().parents)[:3]]:
-            if (folder / SYNSET_MAPPING).is_file():
-                names_file = folder / SYNSET_MAPPING
-                break
-        else:
-            return {}
+        return {}
     if not names_file.is_file():
         raise SourceError(f"class names file {names_file} does not exist; pass a `synset name...` file")
     names = {}
