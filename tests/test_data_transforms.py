@@ -78,3 +78,16 @@ def test_blur_probability(image):
     assert RandomGaussianBlur(p=0.0)(image) is image
     blurred = np.asarray(RandomGaussianBlur(p=1.0, radius=(2.0, 2.0))(image)).astype(float)
     assert blurred.std() < np.asarray(image).astype(float).std()
+
+
+def test_hflip_off_keeps_images_unflipped():
+    arr = np.zeros((16, 16, 3), dtype=np.uint8)
+    arr[:, :4] = 255  # asymmetric: a bright left band
+    image = Image.fromarray(arr)
+    ref = EvalTransform(16, "simple")(image)
+    no_flip = FinetuneTransform(16, "simple", hflip=False)
+    assert all(torch.equal(no_flip(image), ref) for _ in range(20))
+    views = PretrainViews(16, "simple", hflip=False)
+    assert all(torch.equal(views(image)[0], ref) for _ in range(20))
+    flip = FinetuneTransform(16, "simple")
+    assert any(not torch.equal(flip(image), ref) for _ in range(40))

@@ -46,6 +46,7 @@ class EPGDataModule(L.LightningDataModule):
         samples_per_epoch: samples per epoch over all devices (default: ``num_samples`` of the shards' dataset.json).
         seed: base seed of shard sampling, shuffling and augmentation, offset per rank and worker.
         shuffle_buffer: samples in each worker's shuffle buffer.
+        hflip: random horizontal flips of METHOD.md §7 (turn off for data whose mirror image is another class).
         rank: this process's rank, for use without a Trainer (default: Trainer, then $RANK, then 0).
         world_size: number of processes, for use without a Trainer (default: Trainer, then $WORLD_SIZE, then 1).
     """
@@ -65,6 +66,7 @@ class EPGDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 1234,
         shuffle_buffer: int = 1000,
+        hflip: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -90,6 +92,7 @@ class EPGDataModule(L.LightningDataModule):
         self.num_workers, self.normalization, self.label_drop = num_workers, normalization, label_drop
         self.num_classes, self.samples_per_epoch, self.seed = num_classes, samples_per_epoch, seed
         self.shuffle_buffer, self._rank, self._world_size = shuffle_buffer, rank, world_size
+        self.hflip = hflip
         self._num_train_samples: int | None = None
         self._skips: SkipCounter | None = None
 
@@ -174,9 +177,9 @@ class EPGDataModule(L.LightningDataModule):
         urls = self._urls(self.train_shards, "train_shards")
         rank, batches = self.rank, self.batches_per_epoch
         if self.stage == "pretrain":
-            make = PretrainSample(PretrainViews(self.image_size, self.normalization))
+            make = PretrainSample(PretrainViews(self.image_size, self.normalization, self.hflip))
         else:
-            transform = FinetuneTransform(self.image_size, self.normalization)
+            transform = FinetuneTransform(self.image_size, self.normalization, self.hflip)
             make = LabelledSample(transform, self.label_drop, null_label=self.num_classes)
         skips = self._skip_counter()
         dataset = wds.DataPipeline(

@@ -45,7 +45,7 @@ class RandomGaussianBlur:
         return f"{type(self).__name__}(p={self.p}, radius={self.radius})"
 
 
-def byol_view(image_size: int, blur_p: float, solarize_p: float) -> v2.Compose:
+def byol_view(image_size: int, blur_p: float, solarize_p: float, hflip: bool = True) -> v2.Compose:
     """One asymmetric BYOL view of METHOD.md §7 on a PIL image, ending in a uint8 (3, H, W) tensor."""
     steps = [
         v2.RandomResizedCrop(
@@ -57,7 +57,7 @@ def byol_view(image_size: int, blur_p: float, solarize_p: float) -> v2.Compose:
     ]
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    steps += [v2.RandomHorizontalFlip(p=0.5), v2.PILToTensor()]
+    steps += [v2.RandomHorizontalFlip(p=0.5 if hflip else 0.0), v2.PILToTensor()]
     return v2.Compose(steps)
 
 
@@ -72,23 +72,35 @@ class EvalTransform:
 
 
 class FinetuneTransform(EvalTransform):
-    """Stage 2: random horizontal flip (p 0.5), to tensor, normalize; nothing else (METHOD.md §7)."""
+    """Stage 2: random horizontal flip (p 0.5), to tensor, normalize; nothing else (METHOD.md §7).
+
+    ``hflip=False`` turns the flip off, for data whose mirror image is another class (the demo digits).
+    """
+
+    def __init__(self, image_size: int = 256, normalization: str = "imagenet", hflip: bool = True) -> None:
+        super().__init__(image_size, normalization)
+        self.hflip = hflip
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return _maybe_flip(super().__call__(image))
+        x = super().__call__(image)
+        return _maybe_flip(x) if self.hflip else x
 
 
 class PretrainViews:
-    """Stage 1 (METHOD.md §3.1, §7): x0 = stored image with a random flip, plus the two asymmetric BYOL views."""
+    """Stage 1 (METHOD.md §3.1, §7): x0 = stored image with a random flip, plus the two asymmetric BYOL views.
 
-    def __init__(self, image_size: int = 256, normalization: str = "imagenet") -> None:
-        self.image_size, self.normalization = image_size, normalization
-        self.view1 = byol_view(image_size, blur_p=1.0, solarize_p=0.0)
-        self.view2 = byol_view(image_size, blur_p=0.1, solarize_p=0.2)
+    ``hflip=False`` turns every flip off (the demo digits).
+    """
+
+    def __init__(self, image_size: int = 256, normalization: str = "imagenet", hflip: bool = True) -> None:
+        self.image_size, self.normalization, self.hflip = image_size, normalization, hflip
+        self.view1 = byol_view(image_size, blur_p=1.0, solarize_p=0.0, hflip=hflip)
+        self.view2 = byol_view(image_size, blur_p=0.1, solarize_p=0.2, hflip=hflip)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = image.convert("RGB")  # the views are cut from the image as stored (METHOD.md §7)
-        x0 = _maybe_flip(_to_model_space(_fit(image, self.image_size), self.normalization))
+        x0 = _to_model_space(_fit(image, self.image_size), self.normalization)
+        x0 = _maybe_flip(x0) if self.hflip else x0
         v1 = _to_model_space(self.view1(image), self.normalization)
         v2_ = _to_model_space(self.view2(image), self.normalization)
         return x0, v1, v2_
