@@ -17,6 +17,7 @@ commands:
   ref SRC --out REF.npz            statistics of a real set (shards, image folder or ADM .npz)
   calc SAMPLES --ref REF.npz       FID, sFID, KID, precision/recall (and IS with logits weights)
   gen ...                          = `epg sample ...`
+  sweep CKPT --ref REF.npz --out DIR  FID per CFG scale and EMA copy, then the best setting's full run
 """
 
 
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     calc.add_argument("--out", default=None, help="also write the results as JSON here")
     common(calc)
+
+    from epg.eval.sweep import add_arguments
+
+    add_arguments(sub.add_parser("sweep", help="FID per CFG scale and EMA copy; the best setting's full run"))
     return parser
 
 
@@ -146,6 +151,12 @@ def _calc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from epg.eval.sweep import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `epg fid <command> ...`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from epg.eval.metrics import EvalInputError, LogitsUnavailableError
 
     try:
-        return {"weights": _weights, "ref": _ref, "calc": _calc}[args.command](args)
+        return {"weights": _weights, "ref": _ref, "calc": _calc, "sweep": _sweep}[args.command](args)
     except (EvalInputError, InceptionWeightsError, LogitsUnavailableError, FileNotFoundError) as err:
         print(f"epg fid {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,227 @@
+"""In-loop FID: a Lightning callback that samples with the EMA weights every M steps and logs `val/fid` (METHOD.md §8).
+
+The paper's sampling script computes a quick in-loop FID for ablations only (METHOD.md §8); this is ours. It runs
+every ``every_n_steps`` optimizer steps (in ``on_train_batch_end``, so it needs no validation loader and its
+cadence does not depend on ``val_check_interval``). Each rank samples the images i ≡ rank (mod world) of 0…K−1, each
+fixed by (seed, i), so the set does not depend on the number of devices. The ranks' Inception pool_3 features are
+gathered, and global rank 0 computes the FID against the cached reference statistics and broadcasts it. The same
+Inception and FID formula as `epg fid calc` are used (torch-fidelity's TF-compatible Inception-v3, offline weights).
+
+YAML (LightningCLI), cheap demo settings::
+
+    trainer:
+      callbacks:
+        - class_path: epg.eval.callback.InLoopFID
+          init_args: {every_n_steps: 250, num_samples: 100, reference: runs/demo/data/val, steps: 8}
+
+``val/fid`` goes straight to the loggers at ``trainer.global_step`` (as LearningRateMonitor does, so it is never
+dropped by ``log_every_n_steps``) and into ``trainer.callback_metrics`` (for ModelCheckpoint/EarlyStopping
+``monitor: val/fid``). FID of K ≪ 50K samples is biased upwards: compare runs at the same K only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from epg.eval.inception_weights import ensure_inception_weights
+from epg.eval.metrics import EvalInputError, InceptionFeatures
+from epg.eval.reference import ReferenceStats, compute_reference, load_reference
+from epg.eval.sweep import POOL_DIM, fid_to_reference, merge_rank_rows, pool_features, rank_indices, sample_images
+from epg.sampling import SAMPLERS
+from epg.sampling.per_image import LABEL_MODES
+
+METRIC = "val/fid"
+
+
+def cached_reference(source: str, cache_dir: str | os.PathLike, inception: InceptionFeatures, batch_size: int = 100):
+    """Reference statistics: a reference .npz as is; shards, a folder or an ADM .npz computed once and cached."""
+    if source.endswith(".npz") and Path(source).is_file():
+        try:
+            return load_reference(source)
+        except EvalInputError:
+            pass  # an ADM reference batch: compute once like any other source
+    digest = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
+    cache = Path(cache_dir) / f"fid_reference_{digest}.npz"
+    if cache.is_file():
+        reference = load_reference(cache)
+        if reference.source == source:
+            return reference
+    rank_zero_info(f"InLoopFID: computing reference statistics of {source} (cached as {cache})")
+    reference = compute_reference(source, inception, batch_size=batch_size, progress=True)
+    reference.save(cache)
+    return reference
+
+
+class InLoopFID(Callback):
+    """Log FID of ``num_samples`` EMA samples against a reference every ``every_n_steps`` training steps.
+
+    Args:
+        every_n_steps: evaluate when ``trainer.global_step`` is a positive multiple of this.
+        num_samples: K images per evaluation (e.g. 100 for the demo, 10K-50K for a real run), split over ranks.
+        reference: a reference .npz from `epg fid ref`, or a source to compute one from once (WebDataset shards,
+            an image folder, an ADM reference .npz), cached in ``cache_dir``.
+        sampler, steps, guidance: passed to ``epg.sampling.sample`` (METHOD.md §6; guidance = CFG scale w).
+        ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
+        batch_size: images per sampling and Inception batch on each rank.
+        seed: image i's noise and label depend only on (seed, i).
+        log_grid: also log up to ``grid_size`` of rank 0's samples as an image, when the logger can.
+        labels: "balanced" (K/C per class, METHOD.md §6.4) or "random".
+        cache_dir: where a computed reference is cached (default: ``trainer.default_root_dir``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        num_samples: int,
+        reference: str,
+        sampler: str = "heun",
+        steps: int = 32,
+        guidance: float | None = None,
+        ema_index: int | None = 0,
+        batch_size: int = 100,
+        seed: int = 0,
+        log_grid: bool = True,
+        labels: str = "balanced",
+        cache_dir: str | None = None,
+        grid_size: int = 16,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1 or num_samples < 2 or batch_size < 1 or seed < 0:
+            raise ValueError(
+                f"InLoopFID: every_n_steps ({every_n_steps}) and batch_size ({batch_size}) must be ≥ 1, "
+                f"num_samples ({num_samples}) ≥ 2 and seed ({seed}) ≥ 0"
+            )
+        if sampler not in SAMPLERS:
+            raise ValueError(f"InLoopFID: unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if labels not in LABEL_MODES:
+            raise ValueError(f"InLoopFID: unknown labels {labels!r}; choose one of {LABEL_MODES}")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.reference_source = str(reference)
+        self.sampler = sampler
+        self.steps = steps
+        self.guidance = guidance
+        self.ema_index = ema_index
+        self.batch_size = batch_size
+        self.seed = seed
+        self.log_grid = log_grid
+        self.labels = labels
+        self.cache_dir = cache_dir
+        self.grid_size = grid_size
+        self.reference: ReferenceStats | None = None
+        self._inception: InceptionFeatures | None = None
+        self._last_step = -1
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._network(pl_module)  # fail now, not after the first M steps, on a module that does not fit
+        if "normalization" not in pl_module.hparams:
+            raise ValueError(f"InLoopFID: {type(pl_module).__name__}.hparams has no 'normalization' (imagenet|simple)")
+        if trainer.local_rank == 0:
+            ensure_inception_weights()  # offline conversion, once per machine
+        trainer.strategy.barrier("InLoopFID.weights")
+        if trainer.is_global_zero:  # only rank 0 computes the FID, so only it needs the reference
+            inception = self._inception_on(trainer.strategy.root_device)  # the module is not moved there yet
+            cache_dir = self.cache_dir or trainer.default_root_dir
+            self.reference = cached_reference(self.reference_source, cache_dir, inception, self.batch_size)
+            size = pl_module.denoiser(self._network(pl_module)).image_size
+            resolution = self.reference.resolution
+            if resolution is not None and tuple(resolution) != (size, size):
+                raise EvalInputError(
+                    f"InLoopFID: the reference {self.reference_source} is at {resolution[0]}x{resolution[1]} but "
+                    f"the network makes {size}x{size} images; use a reference at the training resolution"
+                )
+
+    def _network(self, pl_module: L.LightningModule) -> torch.nn.Module:
+        if not hasattr(pl_module, "denoiser"):
+            raise TypeError(f"InLoopFID needs a module with .denoiser(net) (FinetuneModule), got {type(pl_module)}")
+        if self.ema_index is None:
+            return pl_module.net
+        ema_nets = getattr(pl_module, "ema_nets", None)
+        if ema_nets is None or not 0 <= self.ema_index < len(ema_nets):
+            count = 0 if ema_nets is None else len(ema_nets)
+            raise ValueError(
+                f"InLoopFID: ema_index {self.ema_index} but the module keeps {count} EMA copies; "
+                "pick one of them or None for the online weights"
+            )
+        return ema_nets[self.ema_index]
+
+    def _inception_on(self, device: torch.device) -> InceptionFeatures:
+        if self._inception is None or self._inception.device != device:
+            self._inception = InceptionFeatures(device=device)
+        return self._inception
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or step == self._last_step:  # accumulation: once per step
+            return
+        self._last_step = step
+        self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """Sample this rank's share, gather Inception features, log and return the FID (same on every rank)."""
+        start = time.time()
+        rank, world = trainer.global_rank, trainer.world_size
+        indices = rank_indices(self.num_samples, rank, world)
+        net = self._network(pl_module)
+        was_training = net.training
+        net.eval()
+        try:
+            images = sample_images(
+                pl_module.denoiser(net),
+                indices,
+                self.num_samples,
+                normalization=pl_module.hparams.normalization,
+                sampler=self.sampler,
+                steps=self.steps,
+                guidance=self.guidance,
+                labels=self.labels,
+                seed=self.seed,
+                batch_size=self.batch_size,
+            )
+        finally:
+            net.train(was_training)
+        pool = torch.from_numpy(pool_features(images, self._inception_on(pl_module.device), self.batch_size))
+        if world > 1:
+            per_rank = math.ceil(self.num_samples / world)
+            padded = torch.zeros(per_rank, POOL_DIM, device=pl_module.device)
+            padded[: len(pool)] = pool.to(pl_module.device)
+            pool = merge_rank_rows(trainer.strategy.all_gather(padded), self.num_samples).cpu()
+        fid = fid_to_reference(pool.numpy(), self.reference) if trainer.is_global_zero else 0.0
+        fid = float(trainer.strategy.broadcast(fid, src=0))
+        self._log(trainer, fid, time.time() - start, images)
+        return fid
+
+    def _log(self, trainer: L.Trainer, fid: float, seconds: float, images: torch.Tensor) -> None:
+        trainer.callback_metrics[METRIC] = torch.tensor(fid)
+        if not trainer.is_global_zero:
+            return
+        metrics = {METRIC: fid, f"{METRIC}_seconds": seconds}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if self.log_grid and len(images) and hasattr(experiment, "add_image"):
+                experiment.add_image(f"{METRIC}_samples", self._grid(images), trainer.global_step)
+        rank_zero_info(f"InLoopFID: step {trainer.global_step}: FID {fid:.3f} of {self.num_samples} ({seconds:.1f} s)")
+
+    def _grid(self, images: torch.Tensor) -> torch.Tensor:
+        """Up to ``grid_size`` images spread over rank 0's share (so balanced labels show many classes), CHW [0, 1]."""
+        from torchvision.utils import make_grid
+
+        picks = np.linspace(0, len(images) - 1, min(self.grid_size, len(images))).round().astype(int)
+        chosen = images[torch.from_numpy(picks)].permute(0, 3, 1, 2).float() / 255
+        return make_grid(chosen, nrow=math.ceil(math.sqrt(len(chosen))))

@@ -1,0 +1,139 @@
+"""InLoopFID inside a LightningCLI-built Trainer fit of a tiny FinetuneModule on CPU (EPG-Nano/4, 16 px, 8 samples)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from torch.utils.data import DataLoader, TensorDataset
+
+from epg.eval.callback import InLoopFID
+from epg.eval.metrics import InceptionFeatures
+from epg.eval.reference import load_reference
+from epg.eval.sweep import fid_to_reference, pool_features, sample_images
+from epg.lightning.finetune import FinetuneModule
+from tests.test_eval_metrics import one_thread, photo_crops, write_folder
+
+N = 8
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, generator=g) * 0.5
+    return DataLoader(TensorDataset(x, torch.randint(0, 11, (8,), generator=g)), batch_size=4)
+
+
+def config(root, reference: str, every: int = 2) -> dict:
+    """A LightningCLI config: FinetuneModule (Nano, from scratch), TensorBoard, InLoopFID by class_path."""
+    callback = {
+        "class_path": "epg.eval.callback.InLoopFID",
+        "init_args": {"every_n_steps": every, "num_samples": N, "reference": reference, "steps": 3, "batch_size": N},
+    }
+    return {
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(root),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(root)},
+            },
+            "callbacks": [callback],
+        },
+        "model": {"preset": "EPG-Nano/4", "warmup_steps": 1, "total_steps": 10, "ema_rates": [0.5]},
+    }
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("real") / "real", photo_crops(N, size=16))
+
+
+def test_callback_from_yaml_logs_fid_of_ema_samples(tmp_path, real, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["epg"])  # LightningCLI would read pytest's arguments
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, str(real))))
+    cli = LightningCLI(FinetuneModule, run=False, args=["--config", str(path)], save_config_kwargs={"overwrite": True})
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InLoopFID)]
+    assert (callback.every_n_steps, callback.num_samples, callback.steps, callback.ema_index) == (2, N, 3, 0)
+    cli.trainer.fit(cli.model, loader())
+
+    fid = float(cli.trainer.callback_metrics["val/fid"])
+    assert math.isfinite(fid) and fid > 0
+    # The reference was computed once from the folder and cached next to the run.
+    (cache,) = tmp_path.glob("fid_reference_*.npz")
+    reference = load_reference(cache)
+    assert reference.count == N and reference.source == str(real)
+    # The logged value is the FID of the EMA copy's samples (the last update came before the evaluation).
+    module = cli.model
+    images = sample_images(module.denoiser(module.ema_nets[0]), range(N), N, steps=3, batch_size=N)
+    expected = fid_to_reference(pool_features(images, InceptionFeatures(device="cpu")), reference)
+    assert fid == pytest.approx(expected, rel=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = tmp_path.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events.parent)).Reload()
+    (scalar,) = accumulator.Scalars("val/fid")
+    assert scalar.step == 2 and scalar.value == pytest.approx(fid, rel=1e-5)
+    assert "val/fid_samples" in accumulator.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_rank_fid(tmp_path, real):
+    """ddp_spawn on 2 CPU processes: each samples half of the images; the gathered FID equals one process's."""
+    import lightning as L
+
+    module = FinetuneModule(preset="EPG-Nano/4", warmup_steps=1, total_steps=10, ema_rates=(0.5,))
+    callback = InLoopFID(every_n_steps=1, num_samples=7, reference=str(real), steps=3, cache_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader())
+    fid = float(trainer.callback_metrics["val/fid"])
+    (cache,) = tmp_path.glob("fid_reference_*.npz")
+    images = sample_images(module.denoiser(module.ema_nets[0]), range(7), 7, steps=3, batch_size=7)
+    expected = fid_to_reference(pool_features(images, InceptionFeatures(device="cpu")), load_reference(cache))
+    assert fid == pytest.approx(expected, rel=1e-5)
+
+
+def test_callback_checks_its_arguments_and_the_module():
+    with pytest.raises(ValueError, match="num_samples"):
+        InLoopFID(every_n_steps=1, num_samples=1, reference="ref.npz")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampler="ddim")
+    module = FinetuneModule(preset="EPG-Nano/4", ema_rates=(0.5,))
+    with pytest.raises(ValueError, match="ema_index 3 but the module keeps 1 EMA copies"):
+        InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", ema_index=3)._network(module)
+    online = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", ema_index=None)
+    assert online._network(module) is module.net
+
+
+def test_grid_spreads_over_the_share():
+    callback = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", grid_size=4)
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3)
+    grid = callback._grid(images)
+    assert grid.shape[0] == 3 and grid.max() <= 1
+    values = sorted({round(v * 255) for v in np.unique(grid.numpy())} - {0})
+    assert values == [3, 6, 9]  # picks 0, 3, 6, 9 (0 is also the padding colour)
