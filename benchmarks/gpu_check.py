@@ -1,0 +1,125 @@
+"""Every GPU check of issue 7 in one run: training/sampling throughput, MFU, memory, host syncs; JSON out.
+
+Run through `benchmarks/gpu_check.sh`. Without a GPU it runs the same code paths on tiny presets (the CPU path,
+exercised by tests/test_bench.py) and marks the targets as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (name, epg bench argv, target description, target check on the result dict)
+GPU_RUNS = [
+    (
+        "dm_xl16_bf16_compile",
+        "train --stage finetune --preset EPG-XL/16 --batch 128 --steps 20 --warmup 8 --compile --check-syncs",
+        ">= 540 img/s (>= 60% MFU of 790 TFLOP/s)",
+        lambda r: r["images_per_s"] >= 540,
+    ),
+    (
+        "dm_xl16_fp16_eager",
+        "train --stage finetune --preset EPG-XL/16 --batch 128 --steps 15 --warmup 5 --precision 16-mixed",
+        "reference: official-style fp16 eager (367 img/s anchor)",
+        None,
+    ),
+    (
+        "pretrain_b16_fp16_eager",
+        "train --stage pretrain --preset RCM-B/16 --batch 128 --steps 15 --warmup 5 --precision 16-mixed",
+        "baseline of the 1.4x target",
+        None,
+    ),
+    (
+        "pretrain_b16_bf16_compile",
+        "train --stage pretrain --preset RCM-B/16 --batch 128 --steps 15 --warmup 8 --compile",
+        ">= 1.4x pretrain_b16_fp16_eager",
+        "ratio",
+    ),
+    (
+        "sample_xl16_heun32_cfg",
+        "sample --preset EPG-XL/16 --batch 256 --steps 32 --cfg 2.5 --autocast bf16",
+        ">= 22 img/s",
+        lambda r: r["images_per_s"] >= 22,
+    ),
+    (
+        "dm_g16_b128_ckpt",
+        "train --stage finetune --preset EPG-G/16 --batch 128 --steps 6 --warmup 3 --grad-checkpointing",
+        "trains at batch 128 per GPU; report peak memory",
+        lambda r: r["peak_memory_gib"] < 139,
+    ),
+]
+CPU_RUNS = [
+    ("dm_smoke", "train --stage finetune --preset EPG-Nano/4 --batch 4 --steps 2 --warmup 1 --precision 32", "", None),
+    (
+        "pretrain_smoke",
+        "train --stage pretrain --preset EPG-Nano/4 --batch 4 --steps 2 --warmup 1 --precision 32",
+        "",
+        None,
+    ),
+    ("sample_smoke", "sample --preset EPG-Nano/4 --batch 4 --steps 4 --cfg 2.5 --repeats 1", "", None),
+]
+
+
+def run_one(name: str, args: str, out_dir: Path, timeout: int) -> dict:
+    path = out_dir / f"bench_{name}.json"
+    cmd = [sys.executable, "-m", "epg.cli", "bench", *args.split(), "--out", str(path)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    record = {"name": name, "command": "epg bench " + args, "wall_s": round(time.time() - start, 1)}
+    if proc.returncode != 0:
+        record["error"] = proc.stderr[-2000:]
+        return record
+    record["result"] = json.loads(path.read_text())["results"][0]
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out-dir", default=os.environ.get("OUT") or "benchmarks/results")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per benchmark")
+    parser.add_argument("--cpu", action="store_true", help="force the CPU smoke path")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.cpu
+    runs = GPU_RUNS if gpu else CPU_RUNS
+    records = []
+    for name, bench_args, target, check in runs:
+        try:
+            record = run_one(name, bench_args, out_dir, args.timeout)
+        except subprocess.TimeoutExpired:
+            record = {"name": name, "command": "epg bench " + bench_args, "error": f"timeout after {args.timeout}s"}
+        record["target"] = target
+        result = record.get("result")
+        if result is not None and callable(check):
+            record["meets_target"] = bool(check(result))
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    by_name = {r["name"]: r.get("result") for r in records}
+    base, fast = by_name.get("pretrain_b16_fp16_eager"), by_name.get("pretrain_b16_bf16_compile")
+    if base and fast:
+        ratio = fast["images_per_s"] / base["images_per_s"]
+        for r in records:
+            if r["name"] == "pretrain_b16_bf16_compile":
+                r["speedup_vs_fp16_eager"] = round(ratio, 3)
+                r["meets_target"] = ratio >= 1.4
+    summary = {
+        "mode": "gpu" if gpu else "cpu-smoke (targets not measured: no GPU)",
+        "environment": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if gpu else None},
+        "runs": records,
+        "all_ran": all("result" in r for r in records),
+    }
+    (out_dir / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out_dir / 'gpu_check.json'}")
+    return 0 if summary["all_ran"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

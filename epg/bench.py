@@ -1,0 +1,288 @@
+"""`epg bench`: img/s, TFLOP/s and MFU of training steps (through the real LightningModules and Trainer) and
+sampling, written as JSON. The numbers in README.md's performance table come from `benchmarks/gpu_check.sh`.
+
+FLOPs are analytic (epg.nn.flops): one multiply-add = 2 FLOPs, a training pass = forward + 2× forward for backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from epg.nn.flops import encoder_macs, forward_macs
+from epg.nn.presets import get_config
+
+H200_BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak measured on the H200 (issue 7); pass --peak-tflops to change
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_flops_per_image(stage: str, preset: str, **overrides) -> float:
+    """Training FLOPs per image of one step: DM = 1 network pass with grad; stage 1 = 12 encoder-pass equivalents."""
+    if stage == "finetune":
+        return 2 * 3 * forward_macs(preset, **overrides).total
+    # Stage 1 (METHOD.md §3.8): online u1, u2, x_a with grad (3 × 3) + target u1, u2 and online x_b without (3).
+    return 2 * 12 * encoder_macs(preset, **overrides)
+
+
+class _SyntheticBatches(torch.utils.data.IterableDataset):
+    """The same ready-made batch forever (data loading is benchmarked separately: benchmarks/data_loading.py)."""
+
+    def __init__(self, batch: tuple[torch.Tensor, ...]) -> None:
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def _make_module(stage: str, preset: str, overrides: dict, compile_network: bool):
+    if stage == "finetune":
+        from epg.lightning.finetune import FinetuneModule
+
+        module = FinetuneModule(preset=preset, network=overrides, warmup_steps=0, sample_every_n_val=0)
+        nets = [module.net]
+    else:
+        from epg.lightning.pretrain import PretrainModule
+
+        module = PretrainModule(preset=preset, network=overrides, warmup_steps=0)
+        nets = [module.online, module.target]
+    if compile_network:
+        for net in nets:
+            net.compile()
+    return module
+
+
+def bench_train(
+    stage: str,
+    preset: str,
+    batch: int,
+    steps: int = 20,
+    warmup: int = 5,
+    precision: str = "bf16-mixed",
+    compile_network: bool = False,
+    grad_checkpointing: bool = False,
+    peak_tflops: float | None = None,
+    check_syncs: bool = False,
+) -> dict:
+    """Time ``steps`` training steps (after ``warmup``) of the real module in a Lightning Trainer on one device."""
+    import lightning as L
+
+    device = _device()
+    overrides = {"grad_checkpointing": True} if grad_checkpointing else {}
+    cfg = get_config(preset, **overrides)
+    module = _make_module(stage, preset, overrides, compile_network)
+    size = (batch, 3, cfg.image_size, cfg.image_size)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randn(size, generator=gen).clamp(-1, 1) for _ in range(3 if stage == "pretrain" else 1)]
+    labels = torch.randint(0, cfg.num_classes or 1, (batch,), generator=gen)
+    data = (*images, labels)
+    if device == "cuda":
+        data = tuple(t.cuda() for t in data)
+    loader = torch.utils.data.DataLoader(_SyntheticBatches(data), batch_size=None)
+    times: list[float] = []
+    sync_warnings: list[str] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                _sync(device)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    if check_syncs:
+                        torch.cuda.set_sync_debug_mode("warn")
+                times.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == warmup + steps - 1:
+                if device == "cuda" and check_syncs:
+                    torch.cuda.set_sync_debug_mode("default")
+                _sync(device)
+                times.append(time.perf_counter())
+
+    trainer = L.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=10**9,  # no per-step logging work inside the timed window
+        callbacks=[Timer()],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dataloaders=loader)
+        sync_warnings = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    seconds = times[1] - times[0]
+    img_s = batch * steps / seconds
+    flops = train_flops_per_image(stage, preset, **overrides)
+    tflops = img_s * flops / 1e12
+    result = {
+        "kind": "train",
+        "stage": stage,
+        "preset": preset,
+        "batch": batch,
+        "steps": steps,
+        "precision": precision,
+        "compile": compile_network,
+        "grad_checkpointing": grad_checkpointing,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "seconds": round(seconds, 4),
+        "images_per_s": round(img_s, 2),
+        "train_gflops_per_image": round(flops / 1e9, 2),
+        "tflops": round(tflops, 3),
+    }
+    if peak_tflops:
+        result["mfu"] = round(tflops / peak_tflops, 4)
+    if device == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if check_syncs:
+        result["host_syncs_in_timed_steps"] = len(sync_warnings)
+    return result
+
+
+@torch.no_grad()
+def bench_sample(
+    preset: str,
+    batch: int,
+    steps: int = 32,
+    guidance: float | None = 2.5,
+    repeats: int = 2,
+    autocast: str | None = None,
+    compile_network: bool = False,
+) -> dict:
+    """Time the sampler (Heun, interval CFG) on a randomly initialised network of ``preset``."""
+    from epg.method.denoiser import Denoiser
+    from epg.nn.network import build_network
+    from epg.sampling import sample
+
+    device = _device()
+    net = build_network(preset).to(device).eval()
+    for p in net.parameters():  # leave the zero-init output so the work is not trivially skipped
+        p.normal_(0, 0.02)
+    if compile_network:
+        net.compile()
+    den = Denoiser(net, "x0")
+    cfg = net.config
+    z = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    y = torch.randint(0, cfg.num_classes or 1, (batch,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[autocast]
+    run = lambda: sample(den, z, y, steps=steps, guidance=guidance, autocast=dtype, return_info=True)  # noqa: E731
+    info = run()  # warm-up (and compilation)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        info = run()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    return {
+        "kind": "sample",
+        "preset": preset,
+        "batch": batch,
+        "sampler": "heun",
+        "steps": steps,
+        "guidance": guidance,
+        "nfe": info.nfe,
+        "autocast": autocast or "fp32",
+        "compile": compile_network,
+        "seconds_per_batch": round(seconds, 4),
+        "images_per_s": round(batch / seconds, 2),
+    }
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return env
+
+
+def _write(results: list[dict], out: str | None) -> None:
+    payload = {"environment": environment(), "command": "epg bench " + " ".join(sys.argv[2:]), "results": results}
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{out}.tmp"
+        Path(tmp).write_text(text + "\n")
+        os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`epg bench train|sample ...`; prints JSON and writes it to --out."""
+    parser = argparse.ArgumentParser(prog="epg bench", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="training-step throughput of PretrainModule/FinetuneModule")
+    t.add_argument("--stage", choices=("pretrain", "finetune"), default="finetune")
+    t.add_argument("--preset", default="EPG-XL/16")
+    t.add_argument("--batch", type=int, default=128)
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--warmup", type=int, default=5)
+    t.add_argument("--precision", default="bf16-mixed")
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--check-syncs", action="store_true", help="count CUDA host syncs in the timed steps")
+    s = sub.add_parser("sample", help="sampling throughput (Heun with interval CFG)")
+    s.add_argument("--preset", default="EPG-XL/16")
+    s.add_argument("--batch", type=int, default=256)
+    s.add_argument("--steps", type=int, default=32)
+    s.add_argument("--cfg", type=float, default=2.5)
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--autocast", choices=("bf16", "fp16"), default=None)
+    s.add_argument("--compile", action="store_true")
+    peak = H200_BF16_PEAK_TFLOPS if torch.cuda.is_available() else None
+    for p in (t, s):
+        p.add_argument("--peak-tflops", type=float, default=peak, help="dense peak for MFU (default: H200 bf16)")
+        p.add_argument("--out", default=None, help="JSON file to write")
+    args = parser.parse_args(argv)
+    try:
+        get_config(args.preset)
+    except ValueError as err:
+        print(f"epg bench: {err}", file=sys.stderr)
+        return 2
+    if args.what == "train":
+        result = bench_train(
+            args.stage,
+            args.preset,
+            args.batch,
+            args.steps,
+            args.warmup,
+            args.precision,
+            args.compile,
+            args.grad_checkpointing,
+            args.peak_tflops,
+            args.check_syncs,
+        )
+    else:
+        result = bench_sample(
+            args.preset, args.batch, args.steps, args.cfg or None, args.repeats, args.autocast, args.compile
+        )
+    _write([result], args.out)
+    return 0

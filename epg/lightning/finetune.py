@@ -1,0 +1,389 @@
+"""Stage-2 LightningModule: end-to-end fine-tuning as a diffusion or a consistency model (METHOD.md §2.3, §4, §5)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from epg.checkpoint import load_stage1_representation
+from epg.lightning.base import EPGModule, param_groups
+from epg.lightning.objectives import LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
+from epg.lightning.pretrain import PAPER_SCALER, seeded_generator
+from epg.method.curriculum import ect_stage
+from epg.method.denoiser import Denoiser
+from epg.method.ema import ema_update_
+from epg.method.lr import warmup_cosine, warmup_steps_schedule
+from epg.method.normalization import NORMALIZATIONS, denormalize
+from epg.nn.network import EPGNetwork, build_network
+from epg.nn.official import CheckpointMismatchError, load_into
+
+OBJECTIVES = ("diffusion", "consistency")
+LR_SCHEDULES = ("cosine", "steps")
+NO_DECAY = ("pos_embed", "cls_token")  # METHOD.md §4, §5.5
+SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # unshifted σ edges of the per-bucket DM loss logs
+# Submodules rebuilt at construction (target = copy of net; aux net = reloaded from init_from), not checkpointed.
+UNSAVED = ("target_net.", "aux_net.")
+
+
+def _frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
+    """A gradient-free deep copy of ``net`` in train or eval mode."""
+    clone = copy.deepcopy(net)
+    clone.requires_grad_(False)
+    return clone.train(train)
+
+
+class FinetuneModule(EPGModule):
+    """Fine-tune a stage-1 encoder plus a fresh decoder as a DM (x0, §4) or an ECT consistency model (edm, §5).
+
+    Per-objective defaults (None picks them) follow the paper: DM betas (0.9, 0.999), weight decay 0.01, P_mean −1.2,
+    warmup + cosine LR, grad clip 0.5 after warmup; CM betas (0.9, 0.99), weight decay 0.03, P_mean −0.4, warmup +
+    LR steps (×0.3 at 400K, ×0.08 at 500K), no clipping. ``grad_clip=0`` turns clipping off.
+
+    Checkpoints hold the online network (``net.``), one EMA copy per rate (``ema_nets.<i>.``), the applied-update
+    count and everything Lightning keeps (optimizer, scaler, scheduler). The CM's stop-gradient target and frozen
+    auxiliary network are not saved: the target is a copy of ``net`` and the auxiliary network is reloaded from
+    ``init_from``, which must therefore still exist when a CM run resumes.
+
+    Args:
+        preset: network preset (METHOD.md §2.4), e.g. "EPG-XL/16"; ``network`` overrides EPGConfig fields.
+        objective: "diffusion" (METHOD.md §4) or "consistency" (§5).
+        init_from: stage-1 checkpoint (PretrainModule .ckpt or official RCM file) whose online encoder initialises
+            ours (§2.3); None trains from scratch (an ablation, §9.6; the CM needs it for its auxiliary loss).
+        init_preset: preset of an official RCM file (default: ``preset``).
+        lr, betas, weight_decay: AdamW; pos_embed and CLS have no weight decay.
+        warmup_steps, total_steps: linear warmup, then cosine to 0 at ``total_steps`` ("cosine") or LR steps at
+            ``lr_milestones`` by ``lr_factors`` ("steps"); ``lr_schedule`` None picks the objective's schedule.
+        grad_clip: global-norm clip applied once ``warmup_steps`` updates are done.
+        ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
+        p_mean, p_std: log-normal noise draw, unshifted (DM σ, §4; CM t, §5.3).
+        sigma_grid: DM Karras grid size (§4 step 2). loss_weighting: DM weight, see ``objectives.diffusion_weight``.
+        ect_d0, ect_d1, ect_delta, ect_q, ect_kappa, ect_b: ECT stage and (t, r) parameters (§5.3).
+        huber_c, aux_weight, aux_tau: CM pseudo-Huber c, auxiliary InfoNCE weight and temperature (§5.4).
+        normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
+        seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
+            draw independently (METHOD.md §4), and a resumed run continues with the draws it would have made.
+        paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings (METHOD.md §4, §3.7).
+        val_sigmas, val_seed: unshifted noise levels and seed of the validation denoising MSE.
+        sample_every_n_val: log a sample grid every n-th validation (0: never); grid_size, grid_seed fix the noise and
+            labels; sample_sampler/sample_steps/sample_guidance go to ``epg.sampling.sample`` (None: the objective's
+            default sampler, "heun" 32 steps for the DM and "consistency" 1 step for the CM).
+    """
+
+    def __init__(
+        self,
+        preset: str = "EPG-XL/16",
+        network: dict | None = None,
+        objective: Literal["diffusion", "consistency"] = "diffusion",
+        init_from: str | None = None,
+        init_preset: str | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] | None = None,
+        weight_decay: float | None = None,
+        warmup_steps: int = 10_000,
+        total_steps: int = 1_000_000,
+        lr_schedule: Literal["cosine", "steps"] | None = None,
+        lr_milestones: tuple[int, ...] = (400_000, 500_000),
+        lr_factors: tuple[float, ...] = (0.3, 0.08),
+        grad_clip: float | None = None,
+        ema_rates: tuple[float, ...] = (0.9999,),
+        p_mean: float | None = None,
+        p_std: float = 1.6,
+        sigma_grid: int = 1280,
+        loss_weighting: Literal["inverse_spacing", "edm", "uniform"] = "inverse_spacing",
+        ect_d0: int = 100_000,
+        ect_d1: int = 100_000,
+        ect_delta: int = 1,
+        ect_q: float = 2.0,
+        ect_kappa: float = 8.0,
+        ect_b: float = 1.0,
+        huber_c: float = 0.06,
+        aux_weight: float = 1.0,
+        aux_tau: float = 0.1,
+        normalization: Literal["imagenet", "simple"] = "imagenet",
+        seed: int = 1234,
+        paper_grad_scaler: bool = True,
+        val_sigmas: tuple[float, ...] = (0.02, 0.1, 0.5, 1.0, 2.0, 10.0),
+        val_seed: int = 0,
+        sample_every_n_val: int = 1,
+        grid_size: int = 16,
+        grid_seed: int = 0,
+        sample_sampler: str | None = None,
+        sample_steps: int | None = None,
+        sample_guidance: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, value, choices in (
+            ("objective", objective, OBJECTIVES),
+            ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
+            ("normalization", normalization, NORMALIZATIONS),
+            ("lr_schedule", lr_schedule, (*LR_SCHEDULES, None)),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if len(lr_milestones) != len(lr_factors):
+            raise ValueError(f"lr_milestones {lr_milestones} and lr_factors {lr_factors} must have the same length")
+        cm = objective == "consistency"
+        self.objective = objective
+        self.parameterization = "edm" if cm else "x0"  # METHOD.md §1.5
+        self.betas = tuple(betas) if betas is not None else ((0.9, 0.99) if cm else (0.9, 0.999))
+        self.weight_decay = weight_decay if weight_decay is not None else (0.03 if cm else 0.01)
+        self.lr_schedule = lr_schedule or ("steps" if cm else "cosine")
+        self.grad_clip = (None if cm else 0.5) if grad_clip is None else (grad_clip or None)
+        self.p_mean = p_mean if p_mean is not None else (-0.4 if cm else -1.2)
+        self.sample_sampler = sample_sampler or ("consistency" if cm else "heun")
+
+        self.net: EPGNetwork = build_network(preset, **(network or {}))
+        representation = self._init_encoder(init_from, init_preset or preset) if init_from else None
+        if representation is None:
+            if cm:
+                raise ValueError(
+                    "the consistency objective needs init_from: its auxiliary loss runs the frozen stage-1 network "
+                    "(METHOD.md §5.4); pass a PretrainModule checkpoint or an RCM file"
+                )
+            rank_zero_warn(
+                "FinetuneModule: no init_from given, so the encoder starts from random weights "
+                "(the 'from scratch' ablation of METHOD.md §9.6)"
+            )
+        # Sampling EMA copies start equal to the online weights after loading (METHOD.md §4).
+        self.ema_nets = nn.ModuleList([_frozen_copy(self.net) for _ in ema_rates])
+        # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2) and the frozen stage-1 network (§5.4).
+        self.target_net = _frozen_copy(self.net, train=True) if cm else None
+        self.aux_net = representation.requires_grad_(False).eval() if cm else None
+        self._val_count = 0
+        self._batch_size = 0
+        self._last_batch_end: float | None = None
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    def _init_encoder(self, path: str, preset: str) -> nn.Module:
+        """Copy the stage-1 online encoder into ``self.net.encoder``; return the whole stage-1 network (§2.3)."""
+        representation = load_stage1_representation(path, preset=preset)
+        try:
+            # Strict on the encoder: the projector is ignored and decoder/class-table keys are absent by design.
+            load_into(self.net.encoder, representation.encoder.state_dict())
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(
+                f"the stage-1 encoder in {path} does not fit preset {self.hparams.preset} "
+                f"(network overrides {self.hparams.network}): {err}"
+            ) from err
+        rank_zero_info(
+            f"FinetuneModule: encoder initialised from {path}; decoder, class table and output layer are fresh "
+            "(METHOD.md §2.3)"
+        )
+        return representation
+
+    def denoiser(self, net: nn.Module | None = None) -> Denoiser:
+        """The preconditioned D(x, σ′, y) around ``net`` (default: the online network) with this objective's output."""
+        return Denoiser(self.net if net is None else net, self.parameterization)
+
+    def train(self, mode: bool = True) -> FinetuneModule:
+        """Switch modes, but keep EMA copies and the auxiliary network in eval mode (the CM target follows)."""
+        super().train(mode)
+        self.ema_nets.eval()
+        if self.aux_net is not None:
+            self.aux_net.eval()
+        return self
+
+    # ---- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        groups = param_groups(self.net, self.weight_decay, no_decay=NO_DECAY)
+        optimizer = self.make_adamw(groups, self.hparams.lr, self.betas)
+        return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(optimizer)}
+
+    def lr_multiplier(self, updates: int) -> float:
+        hp = self.hparams
+        if self.lr_schedule == "cosine":
+            return warmup_cosine(updates, hp.warmup_steps, hp.total_steps)
+        return warmup_steps_schedule(updates, hp.warmup_steps, hp.lr_milestones, hp.lr_factors)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm only once warm-up is over (METHOD.md §4); the Trainer's clip settings are unused."""
+        if self.grad_clip and self.updates >= self.hparams.warmup_steps:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+
+    def on_applied_update(self) -> None:
+        for ema, rate in zip(self.ema_nets, self.hparams.ema_rates, strict=True):
+            ema_update_(ema, self.net, rate)
+        if self.target_net is not None:
+            ema_update_(self.target_net, self.net, 0.0)
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def noise_generator(self, device: torch.device, micro_batch: int = 0) -> torch.Generator:
+        """Generator of a batch's noise draws, seeded by (seed, step, micro-batch, rank): independent per rank (§4)."""
+        step = self.trainer.global_step if self._trainer is not None else self.updates  # skipped steps get new draws
+        return seeded_generator(self.hparams.seed, step, micro_batch, 2, self.global_rank, device=device)
+
+    def setup(self, stage: str) -> None:
+        plugin = self.trainer.precision_plugin
+        if stage == "fit" and self.hparams.paper_grad_scaler and getattr(plugin, "scaler", None) is not None:
+            plugin.scaler = torch.amp.GradScaler(getattr(plugin, "device", "cuda"), **PAPER_SCALER)
+
+    def on_train_start(self) -> None:
+        self._last_batch_end = None
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        y = y if self.net.class_embed is not None else None
+        self._batch_size = x.shape[0]
+        hp, generator = self.hparams, self.noise_generator(x.device, self._micro_batch(batch_idx))
+        log = dict(on_step=True, on_epoch=False, batch_size=x.shape[0])
+        if self.objective == "diffusion":
+            terms = diffusion_loss(
+                self.denoiser(),
+                x,
+                y,
+                p_mean=self.p_mean,
+                p_std=hp.p_std,
+                n_grid=hp.sigma_grid,
+                weighting=hp.loss_weighting,
+                generator=generator,
+            )
+            if self._logging_step():
+                self._log_sigma_buckets(terms.sigma, terms.weighted.detach())
+                self.log("train/x0_mse", terms.mse.mean(), **log)
+        else:
+            stage = ect_stage(self.updates, hp.ect_d0, hp.ect_d1, hp.ect_delta)
+            terms = consistency_loss(
+                self.denoiser(),
+                self.denoiser(self.target_net),
+                self.aux_net,
+                x,
+                y,
+                stage=stage,
+                p_mean=self.p_mean,
+                p_std=hp.p_std,
+                q=hp.ect_q,
+                kappa=hp.ect_kappa,
+                b=hp.ect_b,
+                huber_c=hp.huber_c,
+                aux_weight=hp.aux_weight,
+                aux_tau=hp.aux_tau,
+                generator=generator,
+            )
+            self.log("train/ect_stage", float(stage), **log)
+            self.log("train/consistency", terms.consistency.detach().mean(), **log)
+            self.log("train/aux", terms.aux.detach().mean(), **log)
+        self.log("train/loss", terms.loss.detach(), prog_bar=True, **log)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
+        return terms.loss
+
+    def _micro_batch(self, batch_idx: int) -> int:
+        """Index of this batch among the accumulated micro-batches of one optimizer step (0 without accumulation)."""
+        return batch_idx % self.trainer.accumulate_grad_batches if self._trainer is not None else 0
+
+    def _logging_step(self) -> bool:
+        return self._trainer is None or self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
+    def _log_sigma_buckets(self, sigma: torch.Tensor, weighted: torch.Tensor) -> None:
+        """Mean weighted DM loss per unshifted-σ bucket (rank-local, only the buckets present)."""
+        edges = torch.tensor(SIGMA_BUCKETS, device=sigma.device, dtype=sigma.dtype)
+        bucket = torch.bucketize(sigma, edges)
+        names = [f"lt{SIGMA_BUCKETS[0]:g}"]
+        names += [f"{lo:g}-{hi:g}" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:], strict=True)]
+        names += [f"ge{SIGMA_BUCKETS[-1]:g}"]
+        for i in bucket.unique().tolist():
+            mask = bucket == i
+            count = int(mask.sum())
+            self.log(
+                f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        now = time.perf_counter()
+        if self._last_batch_end is not None and now > self._last_batch_end:
+            images = self._batch_size * self.trainer.world_size
+            rate = images / (now - self._last_batch_end)
+            self.log("train/images_per_sec", rate, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._last_batch_end = now
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Denoising MSE at fixed unshifted σ levels with fixed noise: online per level, EMA averaged over levels."""
+        x, y = batch[0], batch[1]
+        y = y if self.net.class_embed is not None else None
+        generator = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        noise = torch.randn(x.shape, generator=generator).to(x)
+        log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        online = self.denoiser()
+        ema = self.denoiser(self.ema_nets[0]) if len(self.ema_nets) else None
+        losses, ema_losses = [], []
+        for sigma in self.hparams.val_sigmas:
+            mse = denoising_mse(online, x, y, sigma, noise).mean()
+            self.log(f"val/mse_sigma_{sigma:g}", mse, **log)
+            losses.append(mse)
+            if ema is not None:
+                ema_losses.append(denoising_mse(ema, x, y, sigma, noise).mean())
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, **log)
+        if ema_losses:
+            self.log("val/ema_loss", torch.stack(ema_losses).mean(), **log)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self._val_count += 1
+        every = self.hparams.sample_every_n_val
+        if every <= 0 or (self._val_count - 1) % every or not self.trainer.is_global_zero:
+            return
+        experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        if not hasattr(experiment, "add_image"):
+            return
+        grid = self.sample_grid()
+        if grid is not None:
+            experiment.add_image(f"samples/{self.sample_sampler}", grid, self.global_step)
+
+    @torch.no_grad()
+    def sample_grid(self, ema: bool = True) -> torch.Tensor | None:
+        """A (3, H, W) image grid in [0, 1] from fixed noise and labels (EMA weights unless ``ema`` is False)."""
+        try:
+            from epg.sampling import sample
+        except ImportError as err:
+            rank_zero_warn(f"FinetuneModule: no sample grid, epg.sampling is not importable ({err})")
+            return None
+        from torchvision.utils import make_grid
+
+        hp, cfg = self.hparams, self.net.config
+        n = hp.grid_size
+        generator = torch.Generator().manual_seed(hp.grid_seed)
+        z = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=generator).to(self.device)
+        y = torch.arange(n, device=self.device) % cfg.num_classes if cfg.num_classes else None
+        net = self.ema_nets[0] if ema and len(self.ema_nets) else self.net
+        was_training = net.training
+        net.eval()
+        try:
+            denoiser = self.denoiser(net)
+            images = sample(
+                denoiser, z, y, sampler=self.sample_sampler, steps=hp.sample_steps, guidance=hp.sample_guidance
+            )
+        finally:
+            net.train(was_training)
+        pixels = denormalize(images.float(), hp.normalization).clamp(0, 1)
+        return make_grid(pixels.cpu(), nrow=math.ceil(math.sqrt(n)))
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(UNSAVED)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Re-create the unsaved entries: the target from the saved online weights, the aux net from init_from."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        if self.target_net is not None:
+            for key in self.target_net.state_dict():
+                if f"net.{key}" in state:
+                    state.setdefault(f"target_net.{key}", state[f"net.{key}"])
+        if self.aux_net is not None:
+            for key, value in self.aux_net.state_dict().items():
+                state.setdefault(f"aux_net.{key}", value)

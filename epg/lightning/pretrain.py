@@ -1,0 +1,289 @@
+"""Stage 1: representation-consistency pre-training of the encoder + projector (METHOD.md §3).
+
+Hand-over to stage 2 (METHOD.md §3.9): every checkpoint of this module (e.g. ``<run>/checkpoints/last.ckpt``) keeps
+the online network under ``online.`` and the architecture in the ``preset``/``network`` hyper-parameters, which is
+what :func:`epg.checkpoint.load_stage1_representation` reads. ``export_path`` additionally writes a slim file with
+only those parts at the end of ``fit`` (or call :meth:`PretrainModule.export_stage1`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import deque
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from epg.lightning.base import EPGModule, param_groups
+from epg.lightning.knn import cls_features, gather_rows, knn_accuracy, split_halves
+from epg.method.curriculum import cosine_tau_max, interpolated_tau, num_scales, pair_sigmas
+from epg.method.ema import ema_update_
+from epg.method.losses import gather_local_first, info_nce
+from epg.method.lr import warmup_cosine
+from epg.method.noise import c_in, c_noise, resolution_shift
+from epg.nn.network import EPGRepresentation, build_representation
+
+TAU_SCHEDULES = ("constant", "interpolated", "cosine")
+# The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, ×2^(1/1000) every step, ×0.5 on inf/NaN.
+PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "backoff_factor": 0.5, "growth_interval": 1}
+
+
+def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch Generator whose seed is a hash of the integers ``key`` (e.g. seed, step, stream, rank)."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]) >> 1
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class PretrainModule(EPGModule):
+    """Online encoder + projector trained by contrastive + representation-consistency InfoNCE (METHOD.md §3).
+
+    Args:
+        preset: architecture (e.g. "RCM-B/16", "RCM-L/16", "RCM-B/32", or a CPU preset such as "EPG-T/4").
+        network: EPGConfig field overrides, e.g. ``{"proj_out": 768}`` (METHOD.md §10.1).
+        lr: peak AdamW learning rate; 6e-4 [script], the config's 2e-4 is the alternative (METHOD.md §10.1).
+        weight_decay, betas: AdamW, decay on all parameters (METHOD.md §3.7).
+        warmup_steps, total_steps: linear warmup then cosine to 0; total_steps is also the curriculum's K.
+        target_momentum: EMA momentum of the target network, constant (METHOD.md §3.5).
+        tau_contrastive: τ_c of the contrastive term (METHOD.md §3.6).
+        tau_consistency: τ_r of the consistency term when ``tau_schedule`` is "constant".
+        tau_schedule: "constant" (τ_r), "interpolated" (τ(σ_a) from tau_min to tau_max) or "cosine" (interpolated
+            with τ_max cosine-annealed from tau_start to tau_end) (METHOD.md §3.6; the paper's values are unknown).
+        curriculum_n0, curriculum_n1: N₀ and N₁ of the discretization curriculum (METHOD.md §3.2).
+        target_bn_train_mode: run the target in train mode (MoCo-v3 batch statistics) instead of eval (METHOD.md §10.2).
+        knn_k, knn_temperature: the k-NN check of ``validate`` (see :mod:`epg.lightning.knn`).
+        normalization: pixel normalization of the data (stored for reference; METHOD.md §1.1).
+        seed: seeds the pair index (per step) and the noise (per batch and rank), so a resumed run continues exactly.
+        paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings instead of Lightning's.
+        export_path: where to write the stage-1 hand-over file at the end of ``fit`` (None: don't).
+    """
+
+    def __init__(
+        self,
+        preset: str = "RCM-B/16",
+        network: dict | None = None,
+        lr: float = 6e-4,
+        weight_decay: float = 0.03,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 10_000,
+        total_steps: int = 600_000,
+        target_momentum: float = 0.99,
+        tau_contrastive: float = 0.2,
+        tau_consistency: float = 0.1,
+        tau_schedule: Literal["constant", "interpolated", "cosine"] = "constant",
+        tau_min: float = 0.1,
+        tau_max: float = 0.2,
+        tau_start: float = 0.4,
+        tau_end: float = 0.2,
+        curriculum_n0: int = 20,
+        curriculum_n1: int = 1280,
+        target_bn_train_mode: bool = False,
+        knn_k: int = 20,
+        knn_temperature: float = 0.07,
+        normalization: str = "imagenet",
+        seed: int = 1234,
+        paper_grad_scaler: bool = True,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
+        if not 0.0 <= target_momentum < 1.0:
+            raise ValueError(f"target_momentum must be in [0, 1), got {target_momentum}")
+        if total_steps <= 0 or warmup_steps < 0:
+            raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps} and {warmup_steps}")
+        if not 0 < curriculum_n0 <= curriculum_n1:
+            raise ValueError(f"need 0 < curriculum_n0 <= curriculum_n1, got {curriculum_n0} and {curriculum_n1}")
+        self.save_hyperparameters()
+        self.online: EPGRepresentation = build_representation(preset, **(network or {}))
+        self.target: EPGRepresentation = copy.deepcopy(self.online).requires_grad_(False)
+        self.target.train(target_bn_train_mode)
+        self.shift = resolution_shift(self.online.config.image_size)
+        self._batch_times: deque[float] = deque(maxlen=51)
+        self._val_feats: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+        self.batches_seen = 0  # training batches so far (checkpointed): keys the noise of each micro-batch
+
+    # ---- modes, schedules, draws ----
+    def train(self, mode: bool = True) -> PretrainModule:
+        """Like nn.Module.train, but the target stays in eval mode unless ``target_bn_train_mode`` (METHOD.md §3.5)."""
+        super().train(mode)
+        if not self.hparams.target_bn_train_mode:
+            self.target.eval()
+        return self
+
+    def lr_multiplier(self, updates: int) -> float:
+        return warmup_cosine(updates, self.hparams.warmup_steps, self.hparams.total_steps)
+
+    def num_scales_at(self, updates: int) -> int:
+        """N(k) of the curriculum after ``updates`` applied optimizer updates (METHOD.md §3.2)."""
+        hp = self.hparams
+        return num_scales(updates, hp.total_steps, hp.curriculum_n0, hp.curriculum_n1)
+
+    def draw_pair_index(self, step: int, n_scales: int) -> int:
+        """n ~ U{0, …, N−2}, seeded by (seed, step) and broadcast from rank 0 (METHOD.md §3.3)."""
+        index = int(torch.randint(n_scales - 1, (1,), generator=seeded_generator(self.hparams.seed, step, 0)))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            value = torch.tensor([index], device=self.device)  # on the device: NCCL broadcasts CUDA tensors only
+            dist.broadcast(value, src=0)
+            index = int(value.item())
+        return index
+
+    def noise_like(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """ε ~ N(0, I) shaped like ``x``, seeded by (seed, batch, rank): one draw per sample for all four inputs."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        generator = seeded_generator(self.hparams.seed, batch, 1, rank, device=x.device)
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    def consistency_tau(self, sigma_a: float, updates: int) -> float:
+        """τ_r for the unshifted noisier level σ_a after ``updates`` applied updates (METHOD.md §3.6)."""
+        hp = self.hparams
+        if hp.tau_schedule == "constant":
+            return hp.tau_consistency
+        tau_max = hp.tau_max
+        if hp.tau_schedule == "cosine":
+            tau_max = cosine_tau_max(updates, hp.total_steps, hp.tau_start, hp.tau_end)
+        return float(interpolated_tau(sigma_a, hp.tau_min, tau_max))
+
+    # ---- the loss ----
+    @staticmethod
+    def _represent(net: EPGRepresentation, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """h of ``net`` for noisy images ``x`` at per-sample shifted levels ``sigma`` (METHOD.md §1.5, §3.4)."""
+        return net.encoder.representation(x * c_in(sigma).to(x.dtype).view(-1, 1, 1, 1), c_noise(sigma))
+
+    def compute_losses(
+        self,
+        x0: torch.Tensor,
+        v1: torch.Tensor,
+        v2: torch.Tensor,
+        eps: torch.Tensor,
+        sigma_a: float,
+        sigma_b: float,
+        sigma_0: float,
+        tau_r: float,
+    ) -> dict[str, torch.Tensor]:
+        """Batch means of the contrastive and consistency terms and their sum (METHOD.md §3.4, §3.6, §3.8).
+
+        Shifted noise levels; ``eps`` is the one noise draw per sample shared by u1, u2, x_a and x_b.
+        """
+        b = x0.shape[0]
+        sig = lambda value, n: torch.full((n,), value, device=x0.device, dtype=torch.float32)  # noqa: E731
+        u1, u2 = v1 + sigma_0 * eps, v2 + sigma_0 * eps
+        x_a, x_b = x0 + sigma_a * eps, x0 + sigma_b * eps
+        # One encoder pass for the three online inputs with gradient (the encoder has no batch statistics); the
+        # projector sees each view separately, so its BN statistics are per view as in separate passes. x_a skips
+        # the projector: only its h is used, and the BN running statistics then describe near-clean inputs.
+        h1, h2, h_a = self._represent(
+            self.online, torch.cat([u1, u2, x_a]), torch.cat([sig(sigma_0, 2 * b), sig(sigma_a, b)])
+        ).split(b)
+        z1, z2 = self.online.projection_head(h1), self.online.projection_head(h2)
+        with torch.no_grad():
+            h_b = self._represent(self.online, x_b, sig(sigma_b, b))  # key: online network, stop-gradient (§10.4)
+            t1, t2 = self._represent(self.target, torch.cat([u1, u2]), sig(sigma_0, 2 * b)).split(b)
+            k1, k2 = self.target.projection_head(t1), self.target.projection_head(t2)
+        tau_c = self.hparams.tau_contrastive
+        contrastive = info_nce(z1, gather_local_first(k2), tau_c) + info_nce(z2, gather_local_first(k1), tau_c)
+        consistency = info_nce(h_a, gather_local_first(h_b), tau_r)
+        return {
+            "loss": (contrastive + consistency).mean(),
+            "loss_contrastive": contrastive.mean().detach(),
+            "loss_consistency": consistency.mean().detach(),
+        }
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x0, v1, v2 = batch[0], batch[1], batch[2]
+        # Optimizer steps, skipped ones included (a skipped step gets a fresh pair); with gradient accumulation the
+        # micro-batches of one step share the pair, as the paper's global batch does.
+        step = self.trainer.global_step
+        n_scales = self.num_scales_at(self.updates)
+        index = self.draw_pair_index(step, n_scales)
+        sigma_a, sigma_b, sigma_0 = pair_sigmas(index, n_scales, self.shift)
+        tau_r = self.consistency_tau(sigma_a / self.shift, self.updates)
+        eps = self.noise_like(x0, self.batches_seen)
+        self.batches_seen += 1
+        out = self.compute_losses(x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r)
+        b = x0.shape[0]
+        self.log("train/loss", out["loss"].detach(), batch_size=b)  # not on the progress bar: that syncs every step
+        self.log("train/loss_contrastive", out["loss_contrastive"], batch_size=b)
+        self.log("train/loss_consistency", out["loss_consistency"], batch_size=b)
+        scalars = {"num_scales": n_scales, "pair_index": index, "sigma_a": sigma_a, "sigma_b": sigma_b}
+        scalars["tau_consistency"] = tau_r
+        scalars["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        for name, value in scalars.items():
+            self.log(f"train/{name}", float(value), batch_size=b, rank_zero_only=True)
+        return out["loss"]
+
+    # ---- hooks ----
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = self.make_adamw(param_groups(self.online, hp.weight_decay), hp.lr, tuple(hp.betas))
+        return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(optimizer)}
+
+    def on_applied_update(self) -> None:
+        ema_update_(self.target, self.online, self.hparams.target_momentum)
+
+    def setup(self, stage: str) -> None:
+        plugin = self.trainer.precision_plugin
+        if stage == "fit" and self.hparams.paper_grad_scaler and getattr(plugin, "scaler", None) is not None:
+            plugin.scaler = torch.amp.GradScaler(getattr(plugin, "device", "cuda"), **PAPER_SCALER)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        # Images/s over the last ≤50 steps, measured on the host (steady state matches the device).
+        self._batch_times.append(time.perf_counter())
+        if len(self._batch_times) > 1:
+            images = (len(self._batch_times) - 1) * batch[0].shape[0] * self.trainer.world_size
+            rate = images / max(self._batch_times[-1] - self._batch_times[0], 1e-9)
+            self.log("train/images_per_sec", rate, rank_zero_only=True, batch_size=batch[0].shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["epg_batches_seen"] = self.batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.batches_seen = int(checkpoint.get("epg_batches_seen", 0))
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_path and self.trainer.is_global_zero:
+            self.export_stage1(self.hparams.export_path)
+
+    def export_stage1(self, path: str | os.PathLike) -> None:
+        """Write the hand-over file (hyper-parameters + ``online.*`` weights) for stage 2 (METHOD.md §3.9)."""
+        import lightning
+
+        payload = {
+            "pytorch-lightning_version": lightning.__version__,  # marks the Lightning layout for the loader
+            "hyper_parameters": dict(self.hparams),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith("online.")},
+            "epg_updates": self.updates,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{os.fspath(path)}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    # ---- validation: k-NN accuracy of CLS features ----
+    def on_validation_epoch_start(self) -> None:
+        self._val_feats, self._val_labels = [], []
+        self._batch_times.clear()  # keep validation time out of the throughput window
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, y = batch[0], batch[-1]
+        self._val_feats.append(cls_features(self.online.encoder, x))
+        self._val_labels.append(y)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/knn_acc``: val features of all ranks, even positions the bank, odd ones the queries."""
+        if not self._val_feats:
+            return
+        feats = gather_rows(torch.cat(self._val_feats))
+        labels = gather_rows(torch.cat(self._val_labels))
+        self._val_feats, self._val_labels = [], []
+        if feats.shape[0] < 2:
+            return
+        acc = knn_accuracy(*split_halves(feats, labels), k=self.hparams.knn_k, temperature=self.hparams.knn_temperature)
+        self.log("val/knn_acc", acc, prog_bar=True, sync_dist=True)  # same value on every rank

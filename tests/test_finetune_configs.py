@@ -1,0 +1,100 @@
+"""Fine-tuning configs: paper values, relative paths, valid options, and an `epg fit` run of the demo configs."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from epg.checkpoint import load_denoiser
+from epg.data.datamodule import EPGDataModule
+from epg.lightning.finetune import FinetuneModule
+from epg.nn.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = {
+    "epg_xl16_dm_in256.yaml": ("EPG-XL/16", "diffusion", 256),
+    "epg_xxl16_dm_in256.yaml": ("EPG-XXL/16", "diffusion", 256),
+    "epg_g16_dm_in256.yaml": ("EPG-G/16", "diffusion", 256),
+    "epg_l32_dm_in512.yaml": ("EPG-L/32", "diffusion", 512),
+    "epg_l16_cm_in256.yaml": ("EPG-L/16", "consistency", 256),
+}
+DEMO = ("finetune_dm.yaml", "finetune_cm.yaml")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+@pytest.mark.parametrize("name", [*(f"finetune/{n}" for n in PAPER), *(f"demo/{n}" for n in DEMO)])
+def test_config_options_exist_and_paths_are_relative(name):
+    cfg = load(ROOT / "configs" / name)
+    model = cfg["model"]
+    assert model["class_path"] == "epg.lightning.finetune.FinetuneModule"
+    assert set(model["init_args"]) <= set(inspect.signature(FinetuneModule).parameters)
+    assert set(cfg["data"]) <= set(inspect.signature(EPGDataModule).parameters)
+    assert not [s for s in _strings(cfg) if s.startswith("/")]
+    assert cfg["data"]["image_size"] == PRESETS.get(model["init_args"]["preset"]).image_size
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_rows_keep_the_paper_recipe(name):
+    cfg = load(ROOT / "configs" / "finetune" / name)
+    preset, objective, res = PAPER[name]
+    args, data = cfg["model"]["init_args"], cfg["data"]
+    assert (args["preset"], args["objective"], data["image_size"]) == (preset, objective, res)
+    assert (args["lr"], args["warmup_steps"], args["ema_rates"]) == (1e-4, 10_000, [0.9999])
+    assert (data["global_batch_size"], data["normalization"], cfg["trainer"]["precision"]) == (
+        1024,
+        "imagenet",
+        "16-mixed",
+    )
+    if objective == "diffusion":
+        assert (args["betas"], args["weight_decay"], args["grad_clip"]) == ([0.9, 0.999], 0.01, 0.5)
+        assert (args["p_mean"], args["p_std"], args["sigma_grid"]) == (-1.2, 1.6, 1280)
+        assert (args["loss_weighting"], data["label_drop"]) == ("inverse_spacing", 0.1)
+    else:
+        assert (args["betas"], args["weight_decay"], args["grad_clip"]) == ([0.9, 0.99], 0.03, 0)
+        assert (args["p_mean"], args["network"]["drop"], data["label_drop"]) == (-0.4, 0.5, 0.0)
+        assert (args["lr_milestones"], args["lr_factors"]) == ([400_000, 500_000], [0.3, 0.08])
+        assert (args["huber_c"], args["aux_weight"], args["aux_tau"]) == (0.06, 1.0, 0.1)
+        assert (args["ect_d0"], args["ect_d1"], args["ect_delta"], cfg["trainer"]["max_steps"]) == (
+            100_000, 100_000, 1, 700_000)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DEMO)
+def test_demo_config_runs_through_epg_fit(tmp_path, monkeypatch, name):
+    """`epg fit -c configs/demo/<name>` for 2 steps on the demo shards, then the checkpoint loads for sampling."""
+    from epg.cli import main
+    from epg.data.demo import prepare_demo
+    from tests.test_finetune_module import write_stage1
+
+    monkeypatch.chdir(tmp_path)  # the config's relative paths (runs/demo/...) resolve here
+    prepare_demo("runs/demo/data")
+    Path("runs/demo/pretrain/checkpoints").mkdir(parents=True)
+    write_stage1("runs/demo/pretrain/checkpoints/last.ckpt", preset="EPG-T/4")
+    # limit_val_batches=1 would read as 1.0 = all batches.
+    overrides = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
+    overrides += ["--model.val_sigmas=[0.5]"]
+    overrides += ["--data.global_batch_size=8", "--data.val_batch_size=8", "--data.num_workers=0"]
+    overrides += ["--model.grid_size=4", "--model.sample_steps=2"] if "dm" in name else ["--model.grid_size=4"]
+    assert main(["fit", "-c", str(ROOT / "configs" / "demo" / name), *overrides]) == 0
+    run = "finetune_dm" if "dm" in name else "finetune_cm"
+    loaded = load_denoiser(f"runs/demo/{run}/checkpoints/last.ckpt", ema=0)
+    assert loaded.weights == "ema:0.99"
+    assert loaded.denoiser.parameterization == ("x0" if "dm" in name else "edm")
+    assert list(Path(f"runs/demo/{run}/tb").rglob("events.out.tfevents.*"))

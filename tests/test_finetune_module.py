@@ -1,0 +1,199 @@
+"""FinetuneModule without a Trainer: initialisation (§2.3), optimiser, clipping, EMA/target, modes, ECT wiring."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from epg.lightning import finetune
+from epg.lightning.finetune import FinetuneModule
+from epg.lightning.pretrain import PretrainModule
+from epg.method.noise import edm_coefficients
+from epg.nn.official import CheckpointMismatchError
+
+NANO = "EPG-Nano/4"
+
+
+def write_stage1(path: str | os.PathLike, preset: str = NANO, seed: int = 0) -> PretrainModule:
+    """A stage-1 hand-over file (PretrainModule.export_stage1) of a randomly initialised network."""
+    torch.manual_seed(seed)
+    module = PretrainModule(preset=preset, warmup_steps=1, total_steps=10)
+    module.export_stage1(path)
+    return module
+
+
+def make(stage1: str | None, objective: str = "diffusion", **kwargs) -> FinetuneModule:
+    kwargs.setdefault("network", {"drop": 0.5} if objective == "consistency" else None)
+    return FinetuneModule(preset=NANO, objective=objective, init_from=stage1, warmup_steps=2, total_steps=20, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> tuple[str, PretrainModule]:
+    path = tmp_path_factory.mktemp("stage1") / "stage1.ckpt"
+    return str(path), write_stage1(path)
+
+
+def _equal_states(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_diffusion_init_loads_encoder_and_starts_at_zero(stage1):
+    path, pre = stage1
+    m = make(path)
+    assert _equal_states(m.net.encoder, pre.online.encoder)
+    assert _equal_states(m.ema_nets[0], m.net)  # sampling EMA = online weights after loading (§4)
+    assert m.target_net is None and m.aux_net is None
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(m.denoiser()(x, torch.tensor([1.0, 3.0]), torch.tensor([0, 10])), torch.zeros_like(x))
+    hp = m.hparams
+    assert (hp.preset, hp.objective, hp.normalization, tuple(hp.ema_rates)) == (
+        NANO,
+        "diffusion",
+        "imagenet",
+        (0.9999,),
+    )
+
+
+def test_consistency_init_has_target_and_frozen_aux(stage1):
+    path, pre = stage1
+    m = make(path, "consistency")
+    assert _equal_states(m.target_net, m.net) and _equal_states(m.aux_net, pre.online)
+    assert not any(p.requires_grad for p in [*m.aux_net.parameters(), *m.target_net.parameters()])
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    c_skip, _ = edm_coefficients(sigma, m.denoiser().sigma_min)
+    d = m.denoiser().eval()(x, sigma, torch.tensor([1, 2]))
+    assert torch.allclose(d, c_skip.view(-1, 1, 1, 1) * x)  # D = c_skip·x at initialisation (§2.3)
+
+
+def test_from_scratch_warns_and_consistency_requires_stage1():
+    with pytest.warns(UserWarning, match="from scratch"):
+        make(None)
+    with pytest.raises(ValueError, match="init_from"):
+        make(None, "consistency")
+
+
+def test_mismatched_stage1_names_the_keys(tmp_path):
+    path = tmp_path / "tiny.ckpt"
+    write_stage1(path, preset="EPG-T/4")
+    with pytest.raises(CheckpointMismatchError, match="pos_embed"):
+        make(str(path))
+
+
+def test_bad_options_are_rejected(stage1):
+    with pytest.raises(ValueError, match="objective"):
+        make(stage1[0], "flow")
+    with pytest.raises(ValueError, match="lr_milestones"):
+        make(stage1[0], lr_milestones=(10,), lr_factors=(0.3, 0.1))
+
+
+def test_objective_defaults_and_optimizer_groups(stage1):
+    dm, cm = make(stage1[0]), make(stage1[0], "consistency")
+    assert (dm.betas, dm.weight_decay, dm.grad_clip, dm.p_mean, dm.lr_schedule) == (
+        (0.9, 0.999), 0.01, 0.5, -1.2, "cosine")  # fmt: skip
+    assert (cm.betas, cm.weight_decay, cm.grad_clip, cm.p_mean, cm.lr_schedule) == (
+        (0.9, 0.99), 0.03, None, -0.4, "steps")  # fmt: skip
+    opt = dm.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in dm.net.named_parameters()}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert plain == {"encoder.pos_embed", "encoder.cls_token"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(dm.net.parameters()))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_lr_schedules(stage1):
+    dm = FinetuneModule(preset=NANO, init_from=stage1[0], warmup_steps=10, total_steps=110)
+    assert [dm.lr_multiplier(k) for k in (0, 5, 10, 60, 110)] == pytest.approx([0, 0.5, 1, 0.5, 0])
+    cm = FinetuneModule(
+        preset=NANO, objective="consistency", init_from=stage1[0], warmup_steps=10, lr_milestones=(40, 50)
+    )
+    assert [cm.lr_multiplier(k) for k in (5, 10, 39, 40, 49, 50, 99)] == pytest.approx(
+        [0.5, 1, 1, 0.3, 0.3, 0.08, 0.08]
+    )
+
+
+def test_gradient_clipping_only_after_warmup(stage1, monkeypatch):
+    calls = []
+    for objective in ("diffusion", "consistency"):
+        m = make(stage1[0], objective)
+        record = lambda opt, m=m, objective=objective, **kw: calls.append((objective, m.updates, kw))  # noqa: E731
+        monkeypatch.setattr(m, "clip_gradients", record)
+        for updates in (0, 1, 2, 3):
+            m.updates = updates
+            m.configure_gradient_clipping(None)
+    expected = {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}
+    assert calls == [("diffusion", 2, expected), ("diffusion", 3, expected)]
+    m = make(stage1[0], grad_clip=0)
+    assert m.grad_clip is None
+
+
+def test_applied_update_moves_ema_and_copies_target(stage1):
+    m = make(stage1[0], "consistency", ema_rates=(0.5, 0.0))
+    before = [p.clone() for p in m.net.parameters()]
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(1.0)
+    m.on_applied_update()
+    for b, e0, e1, t, p in zip(
+        before,
+        m.ema_nets[0].parameters(),
+        m.ema_nets[1].parameters(),
+        m.target_net.parameters(),
+        m.net.parameters(),
+        strict=True,
+    ):
+        assert torch.allclose(e0, 0.5 * b + 0.5 * p)
+        assert torch.equal(e1, p) and torch.equal(t, p)
+
+
+def test_train_mode_keeps_ema_and_aux_in_eval(stage1):
+    m = make(stage1[0], "consistency").train()
+    assert m.net.training and m.target_net.training
+    assert not m.ema_nets[0].training and not m.aux_net.training
+    m.eval()
+    assert not m.net.training and not m.target_net.training
+
+
+def test_ect_stage_follows_applied_updates(stage1, monkeypatch):
+    m = make(stage1[0], "consistency", ect_d0=4, ect_d1=4)
+    seen = []
+
+    def fake_loss(*args, stage, **kwargs):
+        seen.append(stage)
+        return _Terms(torch.zeros((), requires_grad=True))
+
+    monkeypatch.setattr(finetune, "consistency_loss", fake_loss)
+    monkeypatch.setattr(m, "log", lambda *a, **k: None)
+    batch = (torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    for updates in (0, 3, 4, 7, 8, 13):
+        m.updates = updates
+        m.training_step(batch, 0)
+    assert seen == [1, 1, 2, 2, 3, 4]
+
+
+class _Terms:
+    """Minimal stand-in for ConsistencyTerms."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.loss = loss
+        self.consistency = self.aux = torch.zeros(2)
+
+
+def test_training_step_returns_finite_losses(stage1, monkeypatch):
+    batch = (torch.randn(4, 3, 16, 16) * 0.5, torch.tensor([0, 1, 2, 10]))
+    for objective in ("diffusion", "consistency"):
+        m = make(stage1[0], objective).train()
+        monkeypatch.setattr(m, "log", lambda *a, **k: None)
+        loss = m.training_step(batch, 0)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is None for p in m.ema_nets.parameters())
+        assert m.net.decoder.out.weight.grad is not None
+
+
+def test_noise_draws_differ_per_micro_batch_and_repeat_per_key(stage1):
+    m = make(stage1[0])
+    draw = lambda micro: torch.randn(4, generator=m.noise_generator(torch.device("cpu"), micro))  # noqa: E731
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))

@@ -1,0 +1,178 @@
+"""Stage-2 loss terms against hand computation on tiny tensors (METHOD.md §4, §5.3–§5.4)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from epg.lightning.objectives import (
+    consistency_loss,
+    denoising_mse,
+    diffusion_loss,
+    diffusion_weight,
+    shared_dropout_pair,
+)
+from epg.method.curriculum import ect_sample_tr, ect_stage
+from epg.method.denoiser import Denoiser
+from epg.nn.network import build_network
+
+SIZE = 64  # s_H = 1: shifted and unshifted noise levels coincide for the simple checks
+
+
+class ScaledInput(nn.Module):
+    """F(x_in, c_noise, y) = a·x_in: a raw network whose output is known in closed form."""
+
+    def __init__(self, a: float = 0.5) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.null_label = None
+
+    def forward(self, x_in, c_noise, y=None):
+        return self.a * x_in
+
+
+class FlatFeatures(nn.Module):
+    """Stand-in stage-1 network: (z, h) = (flattened input, flattened input)."""
+
+    def forward(self, x_in, c_noise):
+        return x_in.flatten(1), x_in.flatten(1)
+
+
+def karras(i: float, n: int = 1280) -> float:
+    a, b = 80 ** (1 / 7), 0.002 ** (1 / 7)
+    return (a + i / (n - 1) * (b - a)) ** 7
+
+
+def test_diffusion_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 3, 8, 8) * 0.5
+    den = Denoiser(ScaledInput(0.5), "x0", image_size=256)  # s_H = 4
+    terms = diffusion_loss(den, x0, None, generator=torch.Generator().manual_seed(7))
+    # Replay the draws: ln σ ~ N(−1.2, 1.6²) snapped by |Δσ|, then ε, from the same generator.
+    g = torch.Generator().manual_seed(7)
+    log_sigma = torch.randn(3, generator=g, dtype=torch.float64) * 1.6 - 1.2
+    grid = [karras(i) for i in range(1280)]
+    idx = [min(range(1280), key=lambda i: abs(grid[i] - math.exp(v))) for v in log_sigma.tolist()]
+    eps = torch.randn(x0.shape, generator=g)
+    for k in range(3):
+        s = 4 * grid[idx[k]]
+        d = 0.5 * (x0[k] + s * eps[k]) / math.sqrt(s**2 + 0.25)
+        w = 1 / (karras(idx[k]) - karras(idx[k] + 1))
+        assert terms.sigma[k].item() == pytest.approx(grid[idx[k]], rel=1e-6)
+        assert terms.weighted[k].item() == pytest.approx(w * ((d - x0[k]) ** 2).mean().item(), rel=1e-4)
+    assert terms.loss.item() == pytest.approx(terms.weighted.mean().item(), rel=1e-6)
+
+
+def test_diffusion_weight_options():
+    index = torch.tensor([0, 640, 1279])
+    sigma = torch.tensor([1.0, 2.0, 0.5])
+    spacing = diffusion_weight(index, sigma, "inverse_spacing")
+    for k, i in enumerate(index.tolist()):
+        assert spacing[k].item() == pytest.approx(1 / (karras(i) - karras(i + 1)), rel=1e-5)
+    edm = diffusion_weight(index, sigma, "edm")
+    assert edm.tolist() == pytest.approx([(s**2 + 0.25) / (s * 0.5) ** 2 for s in sigma.tolist()], rel=1e-6)
+    assert diffusion_weight(index, sigma, "uniform").tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="loss_weighting"):
+        diffusion_weight(index, sigma, "snr")
+
+
+def test_consistency_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 3, 4, 4) * 0.5
+    online = Denoiser(ScaledInput(0.3), "edm", image_size=SIZE)
+    target = Denoiser(ScaledInput(0.3), "edm", image_size=SIZE)
+    stage, c, tau = 3, 0.06, 0.1
+    terms = consistency_loss(
+        online, target, FlatFeatures(), x0, None, stage=stage, aux_tau=tau, generator=torch.Generator().manual_seed(3)
+    )
+    g = torch.Generator().manual_seed(3)
+    t, r = ect_sample_tr(4, stage, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    sig_min = 0.002
+
+    def d(x, s):
+        c_skip = 0.25 / ((s - sig_min) ** 2 + 0.25)
+        c_out = 0.5 * (s - sig_min) / math.sqrt(s**2 + 0.25)
+        return c_skip * x + c_out * 0.3 * x / math.sqrt(s**2 + 0.25)
+
+    feats, keys, expected = [], [], []
+    for k in range(4):
+        tk, rk = t[k].item(), r[k].item()
+        d_t, d_r = d(x0[k] + tk * eps[k], tk), d(x0[k] + rk * eps[k], rk)
+        s = ((d_t - d_r) ** 2).sum().item()
+        w = 1 / (tk - rk) if tk > rk else 0.0
+        expected.append(w * s / math.sqrt(s + c**2))
+        c_in_min = 1 / math.sqrt(sig_min**2 + 0.25)
+        feats.append((c_in_min * d_t).flatten())
+        keys.append((c_in_min * x0[k]).flatten())
+    assert terms.consistency.tolist() == pytest.approx(expected, rel=1e-4)
+    q = torch.nn.functional.normalize(torch.stack(feats), dim=1)
+    kk = torch.nn.functional.normalize(torch.stack(keys), dim=1)
+    logits = q @ kk.T / tau
+    aux = torch.logsumexp(logits, 1) - logits.diagonal()
+    assert terms.aux.tolist() == pytest.approx(aux.tolist(), rel=1e-4)
+    assert terms.loss.item() == pytest.approx((torch.tensor(expected) + aux).mean().item(), rel=1e-4)
+
+
+def test_consistency_gradient_reaches_online_only():
+    x0 = torch.randn(4, 3, 4, 4) * 0.5
+    online = Denoiser(ScaledInput(0.3), "edm", image_size=SIZE)
+    target = Denoiser(ScaledInput(0.3), "edm", image_size=SIZE)
+    terms = consistency_loss(online, target, FlatFeatures(), x0, None, stage=2, generator=torch.Generator())
+    terms.loss.backward()
+    assert online.network.a.grad is not None and online.network.a.grad.abs() > 0
+    assert target.network.a.grad is None
+
+
+def test_zero_gap_gets_zero_weight_and_aux_can_be_off():
+    x0 = torch.zeros(2, 3, 4, 4)
+    den = Denoiser(ScaledInput(), "edm", image_size=SIZE)
+    # Stage 0 makes r = max(σ_min, t·(1 − 1 − κ·sig)) = σ_min; P_std 0 with a tiny P_mean pins t at σ_min too.
+    terms = consistency_loss(den, den, None, x0, None, stage=0, p_mean=-20.0, p_std=0.0, generator=torch.Generator())
+    assert terms.weight.tolist() == [0.0, 0.0]
+    assert terms.aux.tolist() == [0.0, 0.0]
+    assert terms.loss.item() == 0.0
+
+
+def test_ect_stages_over_steps():
+    assert [ect_stage(k) for k in (0, 99_999, 100_000, 199_999, 200_000, 650_000)] == [1, 1, 2, 2, 3, 7]
+    g = torch.Generator().manual_seed(0)
+    for stage in (1, 2, 3, 5):
+        t, r = ect_sample_tr(20_000, stage, generator=g)
+        assert bool((r <= t).all()) and bool((r >= 0.002).all())
+        free = r > 0.002
+        if stage >= 3:  # r/t ≥ 1 − 5·2^−a (METHOD.md §5.3)
+            assert float((r[free] / t[free]).min()) >= 1 - 5 * 2.0**-stage - 1e-9
+    t, r = ect_sample_tr(20_000, 1, generator=g)
+    assert bool((r[t <= math.log(7) - 1e-6] == 0.002).all())  # a = 1: denoising-like for t ≤ ln 7
+
+
+def test_dropout_mask_sharing_makes_equal_weights_agree():
+    torch.manual_seed(0)
+    net = build_network("EPG-Nano/4", drop=0.5)
+    with torch.no_grad():  # non-zero adaLN/output so the dropout masks reach the output
+        for p in net.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    target = copy.deepcopy(net).requires_grad_(False)
+    net.train(), target.train()
+    online_d, target_d = Denoiser(net, "edm"), Denoiser(target, "edm")
+    x = torch.randn(2, 3, 16, 16)
+    sigma = torch.full((2,), 1.0)
+    y = torch.tensor([1, 2])
+    a, b = shared_dropout_pair(online_d, target_d, x, sigma, x, sigma, y)
+    assert torch.equal(a, b)
+    assert a.requires_grad and not b.requires_grad
+    # Without the fork the two passes draw different masks.
+    assert not torch.allclose(online_d(x, sigma, y), target_d(x, sigma, y))
+
+
+def test_denoising_mse_is_deterministic_given_noise():
+    x0 = torch.randn(2, 3, 4, 4)
+    noise = torch.randn_like(x0)
+    den = Denoiser(ScaledInput(0.0), "x0", image_size=SIZE)  # D ≡ 0
+    mse = denoising_mse(den, x0, None, 1.0, noise)
+    assert mse.tolist() == pytest.approx(x0.square().flatten(1).mean(1).tolist())

@@ -1,0 +1,121 @@
+"""PretrainModule under a real Lightning Trainer on CPU: exact resume, skipped fp16 steps, validation k-NN."""
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+
+from epg.lightning.pretrain import PAPER_SCALER, PretrainModule
+from tests._pretrain_utils import TinyStage1Data
+
+# K = 8 with N0 = 2, N1 = 16: K' = 3, so N(k) = 3, 5, 5, 5, 9, 9, 9, 17 over the first 8 updates.
+SMALL = dict(preset="EPG-Nano/4", total_steps=8, warmup_steps=2, curriculum_n0=2, curriculum_n1=16, lr=1e-3)
+
+
+class Recorder(L.Callback):
+    """Per-step (global step, applied updates, N(k), loss)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        n = module.num_scales_at(module.updates - 1)  # the N(k) this step used
+        self.rows.append((trainer.global_step, module.updates, n, round(float(outputs["loss"]), 5)))
+
+
+def _trainer(max_steps: int, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Recorder()],
+    )
+    return L.Trainer(**(options | kwargs))
+
+
+def _loader() -> torch.utils.data.DataLoader:
+    # One batch per epoch: the comparison does not depend on how Lightning replays a data order on resume.
+    return torch.utils.data.DataLoader(TinyStage1Data(n=4), batch_size=4, shuffle=False)
+
+
+def test_resume_restores_step_target_and_curriculum(tmp_path):
+    torch.manual_seed(0)
+    straight = PretrainModule(**SMALL)
+    trainer = _trainer(8)
+    trainer.fit(straight, _loader())
+    rows = trainer.callbacks[0].rows
+
+    torch.manual_seed(0)
+    first = PretrainModule(**SMALL)
+    trainer = _trainer(4)
+    trainer.fit(first, _loader())
+    path = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(path)
+
+    torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
+    resumed = PretrainModule(**SMALL)
+    trainer = _trainer(8)
+    trainer.fit(resumed, _loader(), ckpt_path=path)
+    assert trainer.global_step == 8 and resumed.updates == straight.updates == 8
+    assert resumed.batches_seen == straight.batches_seen == 8
+    assert [r[2] for r in rows] == [3, 5, 5, 5, 9, 9, 9, 17]
+    assert trainer.callbacks[0].rows == rows[4:]
+    for name, value in straight.state_dict().items():  # online, target (and BN statistics)
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(straight.target.encoder.pos_embed, straight.online.encoder.pos_embed)
+
+
+class SkipAt(PretrainModule):
+    """Makes every gradient of one chosen step non-finite, so the grad scaler skips it."""
+
+    skip_step = 2
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.skip_step else loss
+
+
+class Snapshots(L.Callback):
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows.append((module.updates, lr, module.target.encoder.pos_embed.detach().clone()))
+
+
+def test_skipped_fp16_step_advances_nothing():
+    torch.manual_seed(0)
+    module = SkipAt(**SMALL)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    snapshots = Snapshots()
+    trainer = _trainer(4, plugins=[plugin], callbacks=[snapshots])
+    trainer.fit(module, _loader())
+    scaler = trainer.precision_plugin.scaler
+    assert scaler.get_growth_factor() == PAPER_SCALER["growth_factor"]  # the paper's scaler replaced Lightning's
+    assert trainer.global_step == 4 and module.updates == 3 and module.skipped_updates == 1
+    (u0, lr0, t0), (u1, lr1, t1), (u2, lr2, t2), (u3, lr3, t3) = snapshots.rows
+    assert (u0, u1, u2, u3) == (1, 2, 2, 3)
+    assert lr2 == lr1 and torch.equal(t2, t1)  # no LR step, no EMA update on the skipped step
+    assert not torch.equal(t3, t2) and lr3 != lr2
+    assert module.num_scales_at(module.updates) == 5  # N(3), not N(4) = 9
+
+
+def test_validate_logs_knn_accuracy():
+    class ValData(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            x = torch.full((3, 16, 16), float(i % 2)) + 0.01 * i
+            return x, i % 2
+
+    module = PretrainModule(preset="EPG-Nano/4", knn_k=3)
+    trainer = _trainer(1, limit_val_batches=None)
+    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(ValData(), batch_size=5), verbose=False)
+    assert 0.0 <= metrics["val/knn_acc"] <= 1.0
