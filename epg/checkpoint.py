@@ -5,7 +5,8 @@ Three formats are accepted:
 1. an *EPG network file* written by ``epg convert`` or :func:`save_network_file`:
    ``{"epg_network_file": 1, "config": {...EPGConfig...}, "parameterization": "x0"|"edm",
    "normalization": "imagenet"|"simple", "state_dict": {...}}``;
-2. a Lightning checkpoint of :class:`epg.lightning.finetune.FinetuneModule`: ``hyper_parameters`` hold
+2. a Lightning checkpoint (a file, or the folder of a sharded FSDP checkpoint) of
+   :class:`epg.lightning.finetune.FinetuneModule`: ``hyper_parameters`` hold
    ``preset``, ``network`` (EPGConfig overrides), ``objective``, ``normalization`` and ``ema_rates``; the state dict
    holds the online network under ``net.`` and EMA copies under ``ema_nets.<i>.`` (i indexes ``ema_rates``);
 3. a released official checkpoint (needs ``preset``; METHOD.md §12), see :func:`epg.load_official`.
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -72,6 +75,28 @@ def _lightning_network(ckpt: dict, ema: int | None) -> tuple[EPGNetwork, str, st
     return network, parameterization, hp.get("normalization", "imagenet"), weights
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint as one dict: a file, or a sharded (FSDP, ``ModelParallelStrategy``) checkpoint folder.
+
+    A folder holds ``meta.pt`` (Lightning's metadata, hyper-parameters included) and torch.distributed.checkpoint
+    shards, which are consolidated here on the CPU.
+    """
+    path = Path(path)
+    if path.is_dir():
+        meta = path / "meta.pt"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{path} is a folder but not a sharded Lightning checkpoint (no meta.pt)")
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path, Path(tmp) / "full.pt")
+            tensors = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+        return {**torch.load(meta, map_location="cpu", weights_only=True), **tensors}
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_denoiser(
     path: str | os.PathLike, ema: int | None = 0, preset: str | None = None, parameterization: str | None = None
 ) -> LoadedModel:
@@ -79,9 +104,7 @@ def load_denoiser(
 
     ``ema`` picks the EMA copy by index (None: the online weights); ``preset`` is needed for official files.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and ckpt.get("epg_network_file"):
         network = EPGNetwork(EPGConfig(**ckpt["config"]))
         load_into(network, ckpt["state_dict"])
@@ -109,9 +132,9 @@ def load_stage1_representation(path: str | os.PathLike, preset: str | None = Non
     from epg.nn.network import build_representation
     from epg.nn.official import load_official_representation
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"stage-1 checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt:
         hp = ckpt.get("hyper_parameters", {})
         if "preset" not in hp:

@@ -45,7 +45,35 @@ class EPGModule(L.LightningModule):
         """LR factor for the update that follows ``updates`` applied ones."""
         return 1.0
 
+    def sharded_networks(self) -> list[nn.Module]:
+        """Networks to shard under FSDP2 (``ModelParallelStrategy``): the trained one first, then its copies."""
+        return []
+
     # ---- Lightning plumbing ----
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, shard every transformer block and each network with FSDP2.
+
+        EMA/target copies are sharded the same way as the online network, so their foreach updates stay local
+        to each rank's shard.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        from epg.nn.decoder import DecoderBlock
+        from epg.nn.layers import Block
+
+        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+            mesh = mesh["data_parallel"]
+        for net in self.sharded_networks():
+            if isinstance(net, FSDPModule):
+                continue  # already sharded (configure_model may run more than once)
+            for module in net.modules():
+                if isinstance(module, Block | DecoderBlock):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> dict:
         """A per-step LambdaLR that reads the applied-update count, so a skipped step keeps its LR."""
         fn: Callable[[int], float] = lambda _: self.lr_multiplier(self.updates)  # noqa: E731

@@ -182,6 +182,10 @@ class FinetuneModule(EPGModule):
         """The preconditioned D(x, σ′, y) around ``net`` (default: the online network) with this objective's output."""
         return Denoiser(self.net if net is None else net, self.parameterization)
 
+    def sharded_networks(self) -> list[nn.Module]:
+        nets = [self.net, *self.ema_nets]
+        return nets if self.target_net is None else [*nets, self.target_net]
+
     def train(self, mode: bool = True) -> FinetuneModule:
         """Switch modes, but keep EMA copies and the auxiliary network in eval mode (the CM target follows)."""
         super().train(mode)

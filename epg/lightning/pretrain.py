@@ -115,6 +115,9 @@ class PretrainModule(EPGModule):
             self.target.eval()
         return self
 
+    def sharded_networks(self) -> list[torch.nn.Module]:
+        return [self.online, self.target]
+
     def lr_multiplier(self, updates: int) -> float:
         return warmup_cosine(updates, self.hparams.warmup_steps, self.hparams.total_steps)
 
