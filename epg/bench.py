@@ -55,17 +55,12 @@ def _make_module(stage: str, preset: str, overrides: dict, compile_network: bool
     if stage == "finetune":
         from epg.lightning.finetune import FinetuneModule
 
-        module = FinetuneModule(preset=preset, network=overrides, warmup_steps=0, sample_every_n_val=0)
-        nets = [module.net]
-    else:
-        from epg.lightning.pretrain import PretrainModule
+        return FinetuneModule(
+            preset=preset, network=overrides, warmup_steps=0, sample_every_n_val=0, compile=compile_network
+        )
+    from epg.lightning.pretrain import PretrainModule
 
-        module = PretrainModule(preset=preset, network=overrides, warmup_steps=0)
-        nets = [module.online, module.target]
-    if compile_network:
-        for net in nets:
-            net.compile()
-    return module
+    return PretrainModule(preset=preset, network=overrides, warmup_steps=0, compile=compile_network)
 
 
 def bench_train(

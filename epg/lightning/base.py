@@ -51,11 +51,21 @@ class EPGModule(L.LightningModule):
 
     # ---- Lightning plumbing ----
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy``, shard every transformer block and each network with FSDP2.
+        """Shard with FSDP2 under ``ModelParallelStrategy``, then ``torch.compile`` when the module's ``compile``.
 
-        EMA/target copies are sharded the same way as the online network, so their foreach updates stay local
-        to each rank's shard.
+        Every transformer block and each network is ``fully_shard``-ed; EMA/target copies are sharded the same way
+        as the online network, so their foreach updates stay local to each rank's shard.
         """
+        self._shard()
+        if self.hparams.get("compile"):
+            for net in self.compiled_networks():
+                net.compile()  # in place: state-dict keys keep their names
+
+    def compiled_networks(self) -> list[nn.Module]:
+        """Networks that ``compile=True`` compiles: those the training step runs (subclasses narrow it)."""
+        return self.sharded_networks()
+
+    def _shard(self) -> None:
         mesh = self.device_mesh
         if mesh is None:
             return

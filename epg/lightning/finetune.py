@@ -73,6 +73,7 @@ class FinetuneModule(EPGModule):
         sample_every_n_val: log a sample grid every n-th validation (0: never); grid_size, grid_seed fix the noise and
             labels; sample_sampler/sample_steps/sample_guidance go to ``epg.sampling.sample`` (None: the objective's
             default sampler, "heun" 32 steps for the DM and "consistency" 1 step for the CM).
+        compile: ``torch.compile`` the online network (and the CM target) in place (state-dict keys unchanged).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class FinetuneModule(EPGModule):
         sample_sampler: str | None = None,
         sample_steps: int | None = None,
         sample_guidance: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -185,6 +187,9 @@ class FinetuneModule(EPGModule):
     def sharded_networks(self) -> list[nn.Module]:
         nets = [self.net, *self.ema_nets]
         return nets if self.target_net is None else [*nets, self.target_net]
+
+    def compiled_networks(self) -> list[nn.Module]:
+        return [self.net] if self.target_net is None else [self.net, self.target_net]
 
     def train(self, mode: bool = True) -> FinetuneModule:
         """Switch modes, but keep EMA copies and the auxiliary network in eval mode (the CM target follows)."""

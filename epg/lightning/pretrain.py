@@ -59,6 +59,7 @@ class PretrainModule(EPGModule):
         seed: seeds the pair index (per step) and the noise (per batch and rank), so a resumed run continues exactly.
         paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings instead of Lightning's.
         export_path: where to write the stage-1 hand-over file at the end of ``fit`` (None: don't).
+        compile: ``torch.compile`` the online and target networks in place (state-dict keys unchanged).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class PretrainModule(EPGModule):
         seed: int = 1234,
         paper_grad_scaler: bool = True,
         export_path: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if tau_schedule not in TAU_SCHEDULES:

@@ -1,0 +1,35 @@
+"""Shared LightningModule glue: optimizer groups, the compile flag, FSDP hooks (METHOD.md §4, §11)."""
+
+import torch
+
+from epg.lightning.base import param_groups
+from epg.lightning.finetune import FinetuneModule
+from epg.lightning.pretrain import PretrainModule
+
+
+def test_no_weight_decay_on_pos_embed_and_cls():
+    module = FinetuneModule(preset="EPG-Nano/4", sample_every_n_val=0)
+    groups = param_groups(module.net, 0.01, no_decay=("pos_embed", "cls_token"))
+    plain = {id(p) for p in groups[1]["params"]}
+    assert groups[1]["weight_decay"] == 0.0 and len(plain) == 2
+    assert id(module.net.encoder.pos_embed) in plain and id(module.net.encoder.cls_token) in plain
+    assert sum(len(g["params"]) for g in groups) == len(list(module.net.parameters()))
+
+
+def test_compile_flag_compiles_in_place_and_keeps_keys():
+    module = FinetuneModule(preset="EPG-Nano/4", sample_every_n_val=0, compile=True)
+    keys = list(module.state_dict())
+    module.configure_model()  # no device mesh here: no sharding, only compilation
+    assert module.net._compiled_call_impl is not None
+    assert all(ema._compiled_call_impl is None for ema in module.ema_nets)  # only what training runs
+    assert list(module.state_dict()) == keys
+    pre = PretrainModule(preset="EPG-Nano/4", compile=True)
+    pre.configure_model()
+    assert pre.online._compiled_call_impl is not None and pre.target._compiled_call_impl is not None
+
+
+def test_without_compile_nothing_changes():
+    module = PretrainModule(preset="EPG-Nano/4")
+    module.configure_model()
+    assert module.online._compiled_call_impl is None
+    assert isinstance(module.online, torch.nn.Module) and module.sharded_networks() == [module.online, module.target]
