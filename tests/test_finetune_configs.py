@@ -57,11 +57,13 @@ def test_paper_rows_keep_the_paper_recipe(name):
     args, data = cfg["model"]["init_args"], cfg["data"]
     assert (args["preset"], args["objective"], data["image_size"]) == (preset, objective, res)
     assert (args["lr"], args["warmup_steps"], args["ema_rates"]) == (1e-4, 10_000, [0.9999])
-    assert (data["global_batch_size"], data["normalization"], cfg["trainer"]["precision"]) == (
-        1024,
-        "imagenet",
-        "16-mixed",
-    )
+    assert (data["global_batch_size"], data["normalization"]) == (1024, "imagenet")
+    strategy = cfg["trainer"]["strategy"]
+    if isinstance(strategy, dict):  # FSDP2 has no 16-mixed: bf16 there, a documented deviation (METHOD.md §11)
+        assert strategy["class_path"].endswith("ModelParallelStrategy")
+        assert cfg["trainer"]["precision"] == "bf16-mixed"
+    else:
+        assert cfg["trainer"]["precision"] == "16-mixed"
     if objective == "diffusion":
         assert (args["betas"], args["weight_decay"], args["grad_clip"]) == ([0.9, 0.999], 0.01, 0.5)
         assert (args["p_mean"], args["p_std"], args["sigma_grid"]) == (-1.2, 1.6, 1280)
