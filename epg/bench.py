@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from epg.nn.flops import encoder_macs, forward_macs
+from epg.nn.flops import train_flops_per_image
 from epg.nn.presets import get_config
 
 H200_BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak measured on the H200 (issue 7); pass --peak-tflops to change
@@ -30,14 +30,6 @@ def _device() -> str:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def train_flops_per_image(stage: str, preset: str, **overrides) -> float:
-    """Training FLOPs per image of one step: DM = 1 network pass with grad; stage 1 = 12 encoder-pass equivalents."""
-    if stage == "finetune":
-        return 2 * 3 * forward_macs(preset, **overrides).total
-    # Stage 1 (METHOD.md §3.8): online u1, u2, x_a with grad (3 × 3) + target u1, u2 and online x_b without (3).
-    return 2 * 12 * encoder_macs(preset, **overrides)
 
 
 class _SyntheticBatches(torch.utils.data.IterableDataset):

@@ -33,3 +33,32 @@ def test_without_compile_nothing_changes():
     module.configure_model()
     assert module.online._compiled_call_impl is None
     assert isinstance(module.online, torch.nn.Module) and module.sharded_networks() == [module.online, module.target]
+
+
+def test_throughput_callback_logs_samples_and_flops(tmp_path):
+    import lightning as L
+
+    from epg.lightning.callbacks import Throughput
+    from epg.nn.flops import train_flops_per_image
+
+    data = [(torch.randn(4, 3, 16, 16).clamp(-1, 1), torch.randint(0, 10, (4,))) for _ in range(6)]
+    module = FinetuneModule(preset="EPG-Nano/4", sample_every_n_val=0, warmup_steps=1)
+    logged = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.update(trainer.callback_metrics)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[Throughput(window_size=2), Grab()],
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert module.flops_per_batch == 4 * train_flops_per_image("finetune", "EPG-Nano/4")
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/device/samples_per_sec" in metrics and "train/device/flops_per_sec" in metrics

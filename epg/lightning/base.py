@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from epg.nn.flops import train_flops_per_image
+
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
     """Two AdamW groups: parameters whose name ends with one of ``no_decay`` get weight decay 0 (METHOD.md §4)."""
@@ -44,6 +46,20 @@ class EPGModule(L.LightningModule):
     def lr_multiplier(self, updates: int) -> float:
         """LR factor for the update that follows ``updates`` applied ones."""
         return 1.0
+
+    # Stage name for the analytic FLOP count ("pretrain" | "finetune"); subclasses set it.
+    flops_stage: str = "finetune"
+
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Training FLOPs of this device's last batch (analytic, epg.nn.flops), read by the Throughput callback."""
+        size = getattr(self, "_flops_batch_size", 0)
+        if not size:
+            return None
+        return size * train_flops_per_image(self.flops_stage, self.hparams.preset, **(self.hparams.network or {}))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._flops_batch_size = int(batch[0].shape[0])
 
     def sharded_networks(self) -> list[nn.Module]:
         """Networks to shard under FSDP2 (``ModelParallelStrategy``): the trained one first, then its copies."""

@@ -117,6 +117,8 @@ class PretrainModule(EPGModule):
             self.target.eval()
         return self
 
+    flops_stage = "pretrain"
+
     def sharded_networks(self) -> list[torch.nn.Module]:
         return [self.online, self.target]
 

@@ -52,3 +52,16 @@ def encoder_macs(preset: str | EPGConfig, **overrides) -> float:
     )
     proj = cfg.enc_dim * cfg.proj_hidden + cfg.proj_hidden**2 + cfg.proj_hidden * cfg.proj_out
     return float(enc + proj + 2 * tokens**2 * cfg.enc_depth * cfg.enc_dim)
+
+
+def train_flops_per_image(stage: str, preset: str | EPGConfig, **overrides) -> float:
+    """FLOPs per image of one training step (1 MAC = 2 FLOPs; backward = 2× forward).
+
+    "finetune" (DM): one network pass with gradients. "pretrain" (METHOD.md §3.8): online passes on u1, u2 and x_a
+    with gradients (3 × 3) plus the target on u1, u2 and the online x_b without (3): 12 encoder-pass equivalents.
+    """
+    if stage == "finetune":
+        return 2 * 3 * forward_macs(preset, **overrides).total
+    if stage == "pretrain":
+        return 2 * 12 * encoder_macs(preset, **overrides)
+    raise ValueError(f"unknown stage {stage!r}: choose 'pretrain' or 'finetune'")
