@@ -72,3 +72,30 @@ def test_fsdp_shards_saves_and_resumes(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.isfinite(model.denoiser(x, torch.tensor(1.0), torch.tensor([1, 2]))).all()
+
+
+def test_torchrun_launch_of_epg_fit(tmp_path):
+    """The multi-node path on one node: torchrun starts 2 ranks of `epg fit`, which Lightning joins (gloo)."""
+    from epg.data.demo import prepare_demo
+
+    info = prepare_demo(tmp_path / "data")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"""
+trainer: {{accelerator: cpu, devices: 2, strategy: ddp, max_steps: 2, logger: false, enable_progress_bar: false,
+  limit_val_batches: 0, default_root_dir: {tmp_path / "run"}}}
+model:
+  class_path: epg.lightning.finetune.FinetuneModule
+  init_args: {{preset: EPG-Nano/4, sample_every_n_val: 0, warmup_steps: 1}}
+data: {{train_shards: "{info["train_shards"]}", stage: finetune, image_size: 16, global_batch_size: 8, num_workers: 0,
+  num_classes: 10}}
+"""
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+    cmd += ["-m", "epg.cli", "fit", "-c", str(config)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in res.stderr + res.stdout
+    ckpts = list((tmp_path / "run").rglob("*.ckpt"))
+    assert ckpts and load_denoiser(ckpts[0]).source == "lightning"
