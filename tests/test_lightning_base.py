@@ -62,3 +62,23 @@ def test_throughput_callback_logs_samples_and_flops(tmp_path):
     assert module.flops_per_batch == 4 * train_flops_per_image("finetune", "EPG-Nano/4")
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "train/device/samples_per_sec" in metrics and "train/device/flops_per_sec" in metrics
+
+
+def test_gradient_accumulation_updates_ema_once_per_optimizer_step():
+    import lightning as L
+
+    data = [(torch.randn(4, 3, 16, 16).clamp(-1, 1), torch.randint(0, 10, (4,))) for _ in range(6)]
+    module = FinetuneModule(preset="EPG-Nano/4", sample_every_n_val=0, warmup_steps=1, ema_rates=(0.5,))
+    ema_updates = []
+    original = module.on_applied_update
+    module.on_applied_update = lambda: (ema_updates.append(module.updates), original())[1]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert module.updates == 2 and ema_updates == [1, 2] and trainer.global_step == 2
