@@ -6,12 +6,12 @@ import inspect
 from pathlib import Path
 
 import pytest
-import yaml
 
 from epg.checkpoint import load_denoiser
 from epg.data.datamodule import EPGDataModule
 from epg.lightning.finetune import FinetuneModule
-from epg.nn.presets import PRESETS
+from epg.nn.presets import get_config
+from tests._config_utils import load, strings
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {
@@ -24,21 +24,6 @@ PAPER = {
 DEMO = ("finetune_dm.yaml", "finetune_cm.yaml")
 
 
-def load(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
-
-
-def _strings(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _strings(value)
-    elif isinstance(node, str):
-        yield node
-
-
 @pytest.mark.parametrize("name", [*(f"finetune/{n}" for n in PAPER), *(f"demo/{n}" for n in DEMO)])
 def test_config_options_exist_and_paths_are_relative(name):
     cfg = load(ROOT / "configs" / name)
@@ -46,8 +31,9 @@ def test_config_options_exist_and_paths_are_relative(name):
     assert model["class_path"] == "epg.lightning.finetune.FinetuneModule"
     assert set(model["init_args"]) <= set(inspect.signature(FinetuneModule).parameters)
     assert set(cfg["data"]) <= set(inspect.signature(EPGDataModule).parameters)
-    assert not [s for s in _strings(cfg) if s.startswith("/")]
-    assert cfg["data"]["image_size"] == PRESETS.get(model["init_args"]["preset"]).image_size
+    assert not [s for s in strings(cfg) if s.startswith("/")]
+    args = model["init_args"]
+    assert cfg["data"]["image_size"] == get_config(args["preset"], **(args.get("network") or {})).image_size
 
 
 @pytest.mark.parametrize("name", PAPER)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import yaml
 
 from epg.checkpoint import load_stage1_representation
 from epg.data.datamodule import EPGDataModule
 from epg.lightning.pretrain import PretrainModule
 from epg.nn.presets import get_config
+from tests._config_utils import load, strings
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # config -> (preset, resolution)
@@ -23,21 +23,6 @@ PAPER = {  # config -> (preset, resolution)
 }
 
 
-def load(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
-
-
-def _strings(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _strings(value)
-    elif isinstance(node, str):
-        yield node
-
-
 @pytest.mark.parametrize("name", [*(f"pretrain/{n}" for n in PAPER), "demo/pretrain.yaml"])
 def test_config_options_exist_and_paths_are_relative(name):
     cfg = load(ROOT / "configs" / name)
@@ -46,7 +31,7 @@ def test_config_options_exist_and_paths_are_relative(name):
     assert set(model["init_args"]) <= set(inspect.signature(PretrainModule).parameters)
     assert set(cfg["data"]) <= set(inspect.signature(EPGDataModule).parameters)
     assert set(cfg["trainer"]) <= set(inspect.signature(L.Trainer).parameters)
-    assert not [s for s in _strings(cfg) if s.startswith("/")]
+    assert not [s for s in strings(cfg) if s.startswith("/")]
     args = model["init_args"]
     assert cfg["data"]["image_size"] == get_config(args["preset"], **(args.get("network") or {})).image_size
     assert cfg["data"]["stage"] == "pretrain"
