@@ -10,11 +10,10 @@ import torch
 
 from epg.eval import sweep
 from epg.eval.cli import main
-from epg.eval.metrics import EvalInputError, frechet_distance, statistics
+from epg.eval.metrics import EvalInputError, frechet_distance, frechet_to_stats, statistics
 from epg.eval.sweep import (
     ema_choices,
     format_sweep,
-    frechet_to_stats,
     merge_rank_rows,
     rank_indices,
     sample_images,

@@ -322,6 +322,32 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(fid_statistics_to_metric(first, second, verbose=False)[KEY_METRIC_FID])
 
 
+def frechet_to_stats(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """Fréchet distance of (N, D) features' Gaussian to (mu, sigma); for N ≤ D in an exact N×N form.
+
+    With S1 = XcᵀXc/(N−1) (Xc: centred features), the non-zero eigenvalues of S1·S2 are those of the symmetric PSD
+    Xc·S2·Xcᵀ/(N−1), so tr√(S1·S2) needs an N×N eigendecomposition instead of a D×D non-symmetric one (100 samples:
+    ~0.1 s instead of ~7 s on a CPU). Equals torch-fidelity's formula (``frechet_distance``) up to round-off.
+    """
+    x = np.asarray(features, np.float64)
+    n, d = x.shape
+    if n < 2:
+        raise EvalInputError(f"a Fréchet distance needs at least 2 samples, got {n}")
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise EvalInputError(f"features are {d}-d but the reference statistics are {mu.shape}, {sigma.shape}")
+    mean = x.mean(0)
+    xc = x - mean
+    if n <= d:
+        gram = xc @ sigma @ xc.T / (n - 1)
+        eig = np.linalg.eigvalsh((gram + gram.T) / 2)
+    else:
+        eig = np.linalg.eigvals(np.cov(x, rowvar=False) @ sigma).astype(np.complex128)
+    tr_sqrt = float(np.sqrt(eig.astype(np.complex128)).real.sum())
+    diff = mean - mu
+    return float(diff @ diff + (xc * xc).sum() / (n - 1) + np.trace(sigma) - 2 * tr_sqrt)
+
+
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> tuple[float, float]:
     """IS mean and std over consecutive splits of `split_size` (ADM's convention; one split when fewer)."""
     splits = max(1, len(logits) // split_size)
@@ -363,11 +389,11 @@ def compute_metrics(
         raise EvalInputError(f"unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
     results: dict[str, float] = {}
     if "fid" in metrics:
-        results["fid"] = frechet_distance(*statistics(samples.pool), reference.mu, reference.sigma)
+        results["fid"] = frechet_to_stats(samples.pool, reference.mu, reference.sigma)
     if "sfid" in metrics:
         if reference.mu_s is None:
             raise EvalInputError(f"reference {reference.source} has no spatial statistics (mu_s/sigma_s) for sFID")
-        results["sfid"] = frechet_distance(*statistics(samples.spatial), reference.mu_s, reference.sigma_s)
+        results["sfid"] = frechet_to_stats(samples.spatial, reference.mu_s, reference.sigma_s)
     if "isc" in metrics:
         if samples.logits is None:
             raise LogitsUnavailableError(logits_message())
