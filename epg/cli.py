@@ -28,6 +28,22 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _run_lightning(command: str, rest: list[str]) -> int:
+    """LightningCLI; a bad config value (exit status 2) or a NaN/inf loss (1) is one line on stderr, no traceback."""
+    from epg.lightning.cli import run_lightning_cli
+    from epg.lightning.faults import ConfigError, NonFiniteLossError
+
+    try:
+        run_lightning_cli([command, *rest])
+    except ConfigError as err:
+        print(f"epg {command}: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"epg {command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `epg <command> ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -40,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         result = getattr(importlib.import_module(module), func)(rest)
         return int(result or 0)
     if command in LIGHTNING_SUBCOMMANDS:
-        from epg.lightning.cli import run_lightning_cli
-
-        run_lightning_cli([command, *rest])
-        return 0
+        return _run_lightning(command, rest)
     print(f"epg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -19,6 +19,7 @@ from epg.data.pipeline import (
     SeededShuffle,
     SkipCounter,
     collate,
+    ignore_sigterm,
     split_by_rank,
 )
 from epg.data.shards import count_samples, expand_shards, read_dataset_info
@@ -195,6 +196,7 @@ class EPGDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.seed + 100_003 * rank),
+            worker_init_fn=ignore_sigterm,
         )
         return loader.with_epoch(batches).with_length(batches, silent=True)
 
@@ -221,7 +223,13 @@ class EPGDataModule(L.LightningDataModule):
             .batched(self.val_batch_size or self.per_device_batch_size, collation_fn=collate, partial=True)
         )
         workers = min(self.num_workers, len(urls[rank::world]))
-        return wds.WebLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+        return wds.WebLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_sigterm,
+        )
 
     # -- helpers ------------------------------------------------------------------------------------------------
 

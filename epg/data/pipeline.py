@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -134,3 +135,14 @@ def collate(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
         torch.stack(column) if isinstance(column[0], torch.Tensor) else torch.tensor(column, dtype=torch.int64)
         for column in zip(*samples, strict=True)
     )
+
+
+def ignore_sigterm(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM, so that a pre-emption can finish its checkpoint.
+
+    SLURM (and ``kill`` of the process group) signals every process; PyTorch's workers die on a SIGTERM from anyone
+    but their parent, and the main process then fails with "DataLoader worker ... is killed by signal" before
+    :class:`SigtermCheckpoint` can save. Ignoring it is safe: workers still exit when the loader shuts them down or
+    their parent dies.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from epg.lightning.faults import NonFiniteWatch
 from epg.nn.flops import train_flops_per_image
 
 
@@ -32,12 +33,17 @@ class EPGModule(L.LightningModule):
     Under "16-mixed" a GradScaler may skip a step on inf/NaN gradients (METHOD.md §3.7); such a step does not
     advance ``self.updates``, the LR schedule, the curricula or any EMA (METHOD.md §11). Subclasses implement
     :meth:`on_applied_update` and :meth:`lr_multiplier`.
+
+    Without a grad scaler (32-true, bf16-mixed) a NaN/inf loss is an error instead: subclasses pass each step's loss
+    and noise levels to :meth:`watch_loss`, and :class:`epg.lightning.faults.NonFiniteLossError` names the step and
+    σ' (checked on logging steps and before every checkpoint save, see :class:`~epg.lightning.faults.NonFiniteWatch`).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.updates = 0  # applied optimizer updates; checkpointed
         self.skipped_updates = 0
+        self._loss_watch = NonFiniteWatch()
 
     # ---- hooks for subclasses ----
     def on_applied_update(self) -> None:
@@ -128,10 +134,42 @@ class EPGModule(L.LightningModule):
                 norm = torch.nn.utils.get_total_norm(grads, foreach=True)
                 self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
+    # ---- non-finite loss guard ----
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    @property
+    def watching_loss(self) -> bool:
+        """True under a Trainer without a grad scaler ("16-mixed" skips inf/NaN steps itself, METHOD.md §3.7)."""
+        return self._trainer is not None and self._grad_scaler() is None
+
+    def watch_loss(
+        self, loss: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, label: str = "σ'"
+    ) -> None:
+        """Record this step's loss and its noise-level span [lo, hi] for the NaN/inf check (no host sync)."""
+        if not self.watching_loss:
+            return
+        self._loss_watch.label = label
+        self._loss_watch.record(loss, self.trainer.global_step, lo, hi)
+
+    def check_finite_loss(self) -> None:
+        """Raise NonFiniteLossError if a watched loss was NaN/inf (syncs with the device; collective under DDP)."""
+        if self.watching_loss:
+            self._loss_watch.check(self, self.trainer.global_step)
+
+    def on_fit_start(self) -> None:
+        self._loss_watch.reset()
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/updates", float(self.updates), on_step=True, on_epoch=False, rank_zero_only=True)
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite_loss()
+
+    def on_train_end(self) -> None:
+        self.check_finite_loss()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite_loss()  # before anything is written: a checkpoint never holds weights after a NaN step
         checkpoint["epg_updates"] = self.updates
         checkpoint["epg_skipped_updates"] = self.skipped_updates
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from epg.checkpoint import load_stage1_representation
 from epg.lightning.base import EPGModule, param_groups
+from epg.lightning.faults import nonfinite_span
 from epg.lightning.objectives import LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
 from epg.lightning.pretrain import PAPER_SCALER, seeded_generator
 from epg.method.curriculum import ect_stage
@@ -242,9 +243,10 @@ class FinetuneModule(EPGModule):
         self._batch_size = x.shape[0]
         hp, generator = self.hparams, self.noise_generator(x.device, self._micro_batch(batch_idx))
         log = dict(on_step=True, on_epoch=False, batch_size=x.shape[0])
+        denoiser = self.denoiser()
         if self.objective == "diffusion":
             terms = diffusion_loss(
-                self.denoiser(),
+                denoiser,
                 x,
                 y,
                 p_mean=self.p_mean,
@@ -253,13 +255,15 @@ class FinetuneModule(EPGModule):
                 weighting=hp.loss_weighting,
                 generator=generator,
             )
+            if self.watching_loss:
+                self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
             if self._logging_step():
                 self._log_sigma_buckets(terms.sigma, terms.weighted.detach())
                 self.log("train/x0_mse", terms.mse.mean(), **log)
         else:
             stage = ect_stage(self.updates, hp.ect_d0, hp.ect_d1, hp.ect_delta)
             terms = consistency_loss(
-                self.denoiser(),
+                denoiser,
                 self.denoiser(self.target_net),
                 self.aux_net,
                 x,
@@ -275,6 +279,9 @@ class FinetuneModule(EPGModule):
                 aux_tau=hp.aux_tau,
                 generator=generator,
             )
+            if self.watching_loss:
+                per_sample = terms.consistency + hp.aux_weight * terms.aux
+                self.watch_loss(terms.loss, *nonfinite_span(per_sample, denoiser.shift * terms.t), label="t'")
             self.log("train/ect_stage", float(stage), **log)
             self.log("train/consistency", terms.consistency.detach().mean(), **log)
             self.log("train/aux", terms.aux.detach().mean(), **log)

@@ -212,6 +212,7 @@ class PretrainModule(EPGModule):
         eps = self.noise_like(x0, self.batches_seen)
         self.batches_seen += 1
         out = self.compute_losses(x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r)
+        self.watch_loss(out["loss"], min(sigma_a, sigma_b), max(sigma_a, sigma_b))
         b = x0.shape[0]
         self.log("train/loss", out["loss"].detach(), batch_size=b)  # not on the progress bar: that syncs every step
         self.log("train/loss_contrastive", out["loss_contrastive"], batch_size=b)
@@ -255,6 +256,7 @@ class PretrainModule(EPGModule):
         self.batches_seen = int(checkpoint.get("epg_batches_seen", 0))
 
     def on_train_end(self) -> None:
+        super().on_train_end()  # raises on a NaN/inf loss, before the hand-over file is written
         if self.hparams.export_path and self.trainer.is_global_zero:
             self.export_stage1(self.hparams.export_path)
 

@@ -1,0 +1,180 @@
+"""Fault handling of long runs: atomic checkpoint files, save-and-exit on SIGTERM, non-finite loss errors."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+MAX_MESSAGE = 400  # characters of a ConfigError message (long key lists are cut)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``option`` is its dotted name in the config (e.g. ``model.init_args.preset``)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        message = " ".join(message.split())  # one line
+        self.option = option
+        self.message = message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+        super().__init__(f"{option}: {self.message}" if option else self.message)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/inf (without a grad scaler that would skip the step)."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into ``<path>.tmp``, fsync, then ``os.replace`` onto ``path``: a killed save never corrupts it.
+
+    The rename is atomic on POSIX file systems, so ``path`` always holds either the previous or the new complete
+    checkpoint. Remote paths (``s3://`` ...) fall back to Lightning's transactional write. EPGCLI installs this plugin
+    by default; in a config: ``trainer.plugins: [{class_path: epg.lightning.faults.AtomicCheckpointIO}]``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        _fsync_dir(folder)  # make the rename itself durable
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> str:
+    """Where ``ckpt_path="last"`` looks: ``<dirpath>/last.ckpt`` of the first ModelCheckpoint that saves one.
+
+    Falls back to the first ModelCheckpoint's folder, then to ``<default_root_dir>/checkpoints``.
+    """
+    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    saving = [cb for cb in callbacks if cb.save_last] or callbacks
+    if saving:
+        cb = saving[0]
+        return os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
+    return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+
+
+class SigtermCheckpoint(Callback):
+    """On SIGTERM (SLURM pre-emption, ``scancel``, ``kill``) save ``last.ckpt`` and exit with status 0.
+
+    Lightning (>=2.5) already installs a SIGTERM handler that only sets ``trainer.received_sigterm``; its loops then
+    raise ``SIGTERMException`` (a ``SystemExit`` with status 0) at the next batch boundary, after the batch's
+    optimizer step, LR step and callbacks, and call ``on_exception``. This callback saves the checkpoint there, to the
+    path that ``--ckpt_path last`` (EPGCLI's default for ``fit``) picks up, so rerunning the same command continues.
+    Under DDP Lightning broadcasts the flag from rank 0 so all ranks stop at the same step. DataLoader workers must
+    survive the signal too when it goes to the whole process group (SLURM): EPGDataModule's loaders give them
+    :func:`epg.data.pipeline.ignore_sigterm`.
+
+    Args:
+        path: checkpoint file to write (default: :func:`last_checkpoint_path`).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        path = self.path or last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"SIGTERM: saved {path} at step {trainer.global_step}; rerun the same `epg fit` command to continue"
+        )
+
+
+# ---- non-finite loss -----------------------------------------------------------------------------------------------
+def nonfinite_span(per_sample: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of ``values`` over the samples whose ``per_sample`` loss is not finite (all samples if none is).
+
+    Device tensors, no host sync: ``values`` are the per-sample noise levels σ' of the batch.
+    """
+    values = values.detach().float().reshape(-1)
+    bad = ~torch.isfinite(per_sample.detach().reshape(-1))
+    pick = bad | ~bad.any()
+    lo = torch.where(pick, values, torch.full_like(values, math.inf)).amin()
+    hi = torch.where(pick, values, torch.full_like(values, -math.inf)).amax()
+    return lo, hi
+
+
+def _scalar(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor on ``device``; Python numbers become a fill kernel, not a (syncing) host copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(value), device=device)
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first training step whose loss was NaN/inf and the σ' span of that step.
+
+    ``record`` runs every step with a few tiny kernels and no host sync; ``check`` syncs (and, under DDP, gathers
+    the ranks' records) and raises :class:`NonFiniteLossError`. Checking every step would stall the GPU pipeline once
+    per step, so the owner checks on logging steps and before every checkpoint save: detection may lag by up to
+    ``log_every_n_steps`` steps, but the error names the step where the loss first went bad, and no checkpoint
+    written after it is ever kept.
+    """
+
+    def __init__(self, label: str = "σ'") -> None:
+        self.label = label
+        self.state: torch.Tensor | None = None  # [seen, step, σ'_lo, σ'_hi]
+
+    def reset(self) -> None:
+        self.state = None
+
+    def record(self, loss: torch.Tensor, step: int, lo: torch.Tensor | float, hi: torch.Tensor | float) -> None:
+        loss = loss.detach()
+        device = loss.device
+        if self.state is None or self.state.device != device:
+            self.state = torch.zeros(4, device=device)
+        bad = ~torch.isfinite(loss).all()
+        row = torch.stack([_scalar(1.0, device), _scalar(step, device), _scalar(lo, device), _scalar(hi, device)])
+        self.state = torch.where(bad & (self.state[0] == 0), row, self.state)
+
+    def check(self, module: L.LightningModule, now: int) -> None:
+        """Raise :class:`NonFiniteLossError` if any rank recorded a non-finite loss (a collective under DDP)."""
+        trainer = module._trainer
+        state = self.state if self.state is not None else torch.zeros(4, device=module.device)
+        if trainer is not None and trainer.world_size > 1:
+            state = module.all_gather(state.to(module.device)).reshape(-1, 4)
+            seen = state[state[:, 0] > 0]
+            state = seen[seen[:, 1].argmin()] if len(seen) else state[0]
+        seen, step, lo, hi = state.tolist()
+        if seen:
+            span = f"{lo:.4g}" if lo == hi else f"[{lo:.4g}, {hi:.4g}]"
+            raise NonFiniteLossError(
+                f"non-finite loss at step {int(step)} ({self.label} {'=' if lo == hi else 'in'} {span}; "
+                f"detected at step {now}); no checkpoint after it was written: resume from the last one with a "
+                "lower lr or tighter grad clipping, or train with precision 16-mixed, whose grad scaler skips "
+                "such steps"
+            )

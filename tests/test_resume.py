@@ -1,0 +1,196 @@
+"""Killed and pre-empted CPU runs continue exactly: SIGKILL, SIGTERM, then a rerun of the same command.
+
+The reference is an uninterrupted run of the same command. Compared exactly (``torch.equal``): global step, applied
+updates, every module tensor (online weights, EMA copies / stage-1 target, BN buffers) and every optimizer state
+tensor (AdamW step, exp_avg, exp_avg_sq). The runs use tests/scripts/fault_fit.py (one batch per epoch, so the
+data order is exact too, and a DataLoader worker); signals go to the whole process group, as SLURM sends them.
+test_epg_fit_rerun_continues checks the same behaviour through `epg fit` on the demo shards (not exact: the
+WebDataset stream restarts on resume).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "scripts" / "fault_fit.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+STEPS = 10
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """Start ``python ARGS`` in the repository root in its own process group, output to ``log``."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def saved_steps(folder: Path) -> list[int]:
+    """Steps of the complete step checkpoints (``...step=N.ckpt``) in ``folder``."""
+    names = os.listdir(folder) if folder.is_dir() else []
+    return [int(m.group(1)) for n in names if (m := re.search(r"step=(\d+)\.ckpt$", n))]
+
+
+def wait_for_step(proc: subprocess.Popen, folder: Path, step: int, log: Path, timeout: float = 90.0) -> int:
+    """Poll until a checkpoint of at least ``step`` exists (while ``proc`` runs); return its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [s for s in saved_steps(folder) if s >= step]
+        if steps:
+            return max(steps)
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (exit {proc.returncode}) before step {step}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint of step {step} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"run did not end within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_run(ref: dict, got: dict) -> None:
+    assert (got["global_step"], got["updates"], got["epoch"]) == (ref["global_step"], ref["updates"], ref["epoch"])
+    assert got["state_dict"].keys() == ref["state_dict"].keys()
+    diff = [k for k in ref["state_dict"] if not torch.equal(ref["state_dict"][k], got["state_dict"][k])]
+    assert not diff, f"module tensors differ after resume: {diff[:8]}"
+    ref_opt, got_opt = ref["optimizer"]["state"], got["optimizer"]["state"]
+    assert ref_opt.keys() == got_opt.keys() and len(ref_opt) > 0
+    for i, state in ref_opt.items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(got_opt[i][name])), (i, name)
+    assert got["lr"] == ref["lr"]
+
+
+def interrupt(run: subprocess.Popen, how: str, folder: Path, step: int, log: Path) -> int:
+    """Send SIGKILL or SIGTERM once a checkpoint of ``step`` exists; check the exit; return last.ckpt's step."""
+    seen = wait_for_step(run, folder, step, log)
+    os.killpg(run.pid, signal.SIGKILL if how == "kill" else signal.SIGTERM)  # every process, as SLURM does
+    code = finish(run, log)
+    last = load(folder / "last.ckpt")["global_step"]  # loadable even when the kill hit a save
+    if how == "kill":
+        assert code == -signal.SIGKILL
+        assert last >= seen - 1  # last.ckpt is written just after step=N.ckpt
+    else:  # SIGTERM: last.ckpt at the step where it stopped, exit status 0
+        assert code == 0, log.read_text()[-3000:]
+        assert "SIGTERM: saved" in log.read_text() and last >= seen
+    return last
+
+
+@pytest.mark.parametrize(
+    "mode, signals",
+    [
+        ("finetune", ["kill"]),
+        pytest.param("finetune", ["kill", "term"], marks=pytest.mark.slow),
+        pytest.param("pretrain", ["kill", "term"], marks=pytest.mark.slow),
+    ],
+    ids=["finetune-kill", "finetune-kill-term", "pretrain-kill-term"],
+)
+def test_interrupted_then_rerun_is_exact(tmp_path, mode, signals):
+    """Each interruption lands >= 2 steps after the previous one; the final rerun equals an uninterrupted run."""
+    ref_log, log = tmp_path / "ref.log", tmp_path / "run.log"
+    options = ["--steps", str(STEPS), "--workers", "1"]  # a worker process that must survive SIGTERM
+    ref = start([str(SCRIPT), mode, str(tmp_path / "ref"), *options], ref_log)
+    command = [str(SCRIPT), mode, str(tmp_path / "run"), *options, "--delay", "0.2"]
+    folder, step = tmp_path / "run" / "checkpoints", 1
+    for how in signals:  # the same command each time: it resumes from last.ckpt when there is one
+        step = interrupt(start(command, log), how, folder, step + 2, log)
+        assert step < STEPS and not (tmp_path / "run" / "final.pt").exists()
+    run = start(command, log)
+    assert finish(run, log) == 0, log.read_text()[-3000:]
+    assert log.read_text().count("Restored all states from the checkpoint") == len(signals)
+    assert finish(ref, ref_log) == 0, ref_log.read_text()[-3000:]
+    assert_same_run(load(tmp_path / "ref" / "final.pt"), load(tmp_path / "run" / "final.pt"))
+
+
+CONFIG = """\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: {steps}
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  default_root_dir: {root}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        dirpath: {root}/checkpoints
+        every_n_train_steps: 1
+        save_last: true
+    - class_path: tests.scripts.fault_fit.Delay
+      init_args:
+        seconds: {delay}
+model:
+  class_path: epg.lightning.finetune.FinetuneModule
+  init_args:
+    preset: EPG-Nano/4
+    warmup_steps: 1
+    total_steps: {steps}
+    ema_rates: [0.9]
+    sample_every_n_val: 0
+data:
+  train_shards: {data}/train
+  stage: finetune
+  image_size: 16
+  global_batch_size: 8
+  num_workers: 0
+  num_classes: 10
+"""
+
+
+def write_config(path: Path, root: Path, data: Path, steps: int = 8, delay: float = 0.3) -> Path:
+    path.write_text(CONFIG.format(root=root, data=data, steps=steps, delay=delay))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    from epg.data.demo import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    prepare_demo(out)
+    return out
+
+
+def test_epg_fit_rerun_continues(tmp_path, demo_data):
+    """`epg fit -c X` stopped by SIGTERM, then rerun: resumes from last.ckpt (EPGCLI defaults) and completes."""
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "run", demo_data)
+    command, log = ["-m", "epg.cli", "fit", "-c", str(config)], tmp_path / "fit.log"
+    folder = tmp_path / "run" / "checkpoints"
+    run = start(command, log)
+    wait_for_step(run, folder, 2, log)
+    os.killpg(run.pid, signal.SIGTERM)  # num_workers 0: EPGDataModule's workers do not ignore SIGTERM (yet)
+    assert finish(run, log) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "starting at step 0" in text and "SIGTERM: saved" in text
+    stopped = load(folder / "last.ckpt")["global_step"]
+    assert 2 <= stopped < 8
+
+    run = start(command, log)
+    assert finish(run, log) == 0, log.read_text()[-3000:]
+    assert f"resuming from {folder / 'last.ckpt'}" in log.read_text()
+    ckpt = load(folder / "last.ckpt")  # weights_only=True: only plain types in EPG checkpoints
+    assert ckpt["global_step"] == 8 and ckpt["epg_updates"] == 8
+    assert not list(folder.glob("*.tmp"))
