@@ -4,7 +4,8 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-from epg.lightning.pretrain import PAPER_SCALER, PretrainModule
+from epg.lightning.base import PAPER_SCALER
+from epg.lightning.pretrain import PretrainModule
 from tests._pretrain_utils import TinyStage1Data
 
 # K = 8 with N0 = 2, N1 = 16: K' = 3, so N(k) = 3, 5, 5, 5, 9, 9, 9, 17 over the first 8 updates.

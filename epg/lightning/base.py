@@ -5,12 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from epg.lightning.faults import NonFiniteWatch
 from epg.nn.flops import train_flops_per_image
+
+# The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
+PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "backoff_factor": 0.5, "growth_interval": 1}
+
+
+def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch Generator whose seed is a hash of the integers ``key`` (e.g. seed, step, stream, rank)."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]) >> 1
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
@@ -72,6 +82,12 @@ class EPGModule(L.LightningModule):
         return []
 
     # ---- Lightning plumbing ----
+    def setup(self, stage: str) -> None:
+        """Under "16-mixed", swap in the paper's GradScaler when the module's ``paper_grad_scaler`` is set."""
+        plugin = self.trainer.precision_plugin
+        if stage == "fit" and self.hparams.get("paper_grad_scaler") and getattr(plugin, "scaler", None) is not None:
+            plugin.scaler = torch.amp.GradScaler(getattr(plugin, "device", "cuda"), **PAPER_SCALER)
+
     def configure_model(self) -> None:
         """Shard with FSDP2 under ``ModelParallelStrategy``, then ``torch.compile`` when the module's ``compile``.
 

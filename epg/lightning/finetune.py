@@ -12,10 +12,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from epg.checkpoint import load_stage1_representation
-from epg.lightning.base import EPGModule, param_groups
+from epg.lightning.base import EPGModule, param_groups, seeded_generator
 from epg.lightning.faults import nonfinite_span
 from epg.lightning.objectives import LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
-from epg.lightning.pretrain import PAPER_SCALER, seeded_generator
 from epg.method.curriculum import ect_stage
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
@@ -228,11 +227,6 @@ class FinetuneModule(EPGModule):
         """Generator of a batch's noise draws, seeded by (seed, step, micro-batch, rank): independent per rank (§4)."""
         step = self.trainer.global_step if self._trainer is not None else self.updates  # skipped steps get new draws
         return seeded_generator(self.hparams.seed, step, micro_batch, 2, self.global_rank, device=device)
-
-    def setup(self, stage: str) -> None:
-        plugin = self.trainer.precision_plugin
-        if stage == "fit" and self.hparams.paper_grad_scaler and getattr(plugin, "scaler", None) is not None:
-            plugin.scaler = torch.amp.GradScaler(getattr(plugin, "device", "cuda"), **PAPER_SCALER)
 
     def on_train_start(self) -> None:
         self._last_batch_end = None

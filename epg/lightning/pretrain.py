@@ -14,11 +14,10 @@ import time
 from collections import deque
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from epg.lightning.base import EPGModule, param_groups
+from epg.lightning.base import EPGModule, param_groups, seeded_generator
 from epg.lightning.knn import cls_features, gather_rows, knn_accuracy, split_halves
 from epg.method.curriculum import cosine_tau_max, interpolated_tau, num_scales, pair_sigmas
 from epg.method.ema import ema_update_
@@ -28,16 +27,9 @@ from epg.method.noise import c_in, c_noise, resolution_shift
 from epg.nn.network import EPGRepresentation, build_representation
 
 TAU_SCHEDULES = ("constant", "interpolated", "cosine")
+
+
 # The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, ×2^(1/1000) every step, ×0.5 on inf/NaN.
-PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "backoff_factor": 0.5, "growth_interval": 1}
-
-
-def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch Generator whose seed is a hash of the integers ``key`` (e.g. seed, step, stream, rank)."""
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]) >> 1
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 class PretrainModule(EPGModule):
     """Online encoder + projector trained by contrastive + representation-consistency InfoNCE (METHOD.md §3).
 
@@ -232,11 +224,6 @@ class PretrainModule(EPGModule):
 
     def on_applied_update(self) -> None:
         ema_update_(self.target, self.online, self.hparams.target_momentum)
-
-    def setup(self, stage: str) -> None:
-        plugin = self.trainer.precision_plugin
-        if stage == "fit" and self.hparams.paper_grad_scaler and getattr(plugin, "scaler", None) is not None:
-            plugin.scaler = torch.amp.GradScaler(getattr(plugin, "device", "cuda"), **PAPER_SCALER)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
