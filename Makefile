@@ -24,11 +24,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
+# The MNIST demo (epg demo): DEVICE=cpu (default; ~15 min on 2 cores) or DEVICE=gpu (configs/demo/gpu, one GPU,
+# <= 10 min, output in runs/demo_gpu), e.g. `make demo DEVICE=gpu`. demo-consistency: the 1-step consistency model.
+DEVICE ?= cpu
+
 demo: install
-	$(BIN)/epg demo
+	$(BIN)/epg demo --device $(DEVICE)
 
 demo-consistency: install
-	$(BIN)/epg demo --objective consistency
+	$(BIN)/epg demo --objective consistency --device $(DEVICE)
 
 lint: install
 	$(BIN)/ruff check epg tests benchmarks

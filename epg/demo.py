@@ -382,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     summary["checkpoints"] = {"pretrain": str(pre_dir / "checkpoints"), "finetune": str(ckpt)}
     summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    text = json.dumps(summary, indent=2, default=str)
+    summary_path.write_text(text)
+    (out / f"summary_{opts.objective}.json").write_text(text)  # kept when the other objective runs next
     print(
         f"\nepg demo ({opts.objective}) finished in {summary['total_s']:.0f}s: class accuracy "
         f"{summary['class_accuracy']:.1%}, FID {summary['fid']:.2f} ({summary['fid_samples']} samples vs "

@@ -1,0 +1,68 @@
+"""Smoke tests of `epg demo` (epg/demo.py) with tiny step counts: outputs, summary and the GPU configs on a CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from epg.demo import checkpoint_every, default_config_dir, main, schedule_args
+
+CONFIGS = default_config_dir()
+
+
+def test_checkpoint_every_divides_the_run() -> None:
+    assert checkpoint_every(2000, 500) == 500
+    assert checkpoint_every(1300, 500) == 325
+    assert checkpoint_every(2, 500) == 2
+
+
+def test_schedule_args_rescale_the_cm_schedule() -> None:
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / "finetune_cm.yaml").read_text())
+    args = schedule_args(cfg, 2 * int(cfg["trainer"]["max_steps"]))
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs["--model.init_args.ect_d0"] == str(2 * cfg["model"]["init_args"]["ect_d0"])
+    assert json.loads(pairs["--model.init_args.lr_milestones"]) == [
+        2 * m for m in cfg["model"]["init_args"]["lr_milestones"]
+    ]
+
+
+def _check_outputs(out: Path, objective: str, stage2: str) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == objective
+    assert (out / f"samples_{objective}.png").is_file()
+    assert (out / "pretrain" / "checkpoints" / "last.ckpt").is_file()
+    assert (out / stage2 / "checkpoints" / "last.ckpt").is_file()
+    assert 0.0 <= summary["class_accuracy"] <= 1.0
+    assert summary["fid"] == summary["fid"] and summary["fid"] >= 0.0  # a number, not NaN
+    assert set(summary["timings_s"]) >= {"prepare shards", "Inception weights", "evaluation"}
+    return summary
+
+
+@pytest.mark.slow
+def test_demo_cpu_tiny(tmp_path: Path) -> None:
+    """The CPU demo end to end with 2 steps per stage, 8 FID samples and 8 reference digits (~40 s)."""
+    out = tmp_path / "demo"
+    tiny = ["--pretrain-steps", "2", "--finetune-steps", "2", "--fid-samples", "10", "--fid-ref", "8", "--threads", "2"]
+    assert main(["--out", str(out), *tiny]) == 0
+    summary = _check_outputs(out, "diffusion", "finetune_dm")
+    assert summary["fid_samples"] == 10 and summary["fid_reference"] == 8
+    # A second run skips both completed stages.
+    assert main(["--out", str(out), *tiny]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["timings_s"]["stage 1: pre-training"] < summary["timings_s"]["stage 1: pre-training"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,stage2", [("diffusion", "finetune_dm"), ("consistency", "finetune_cm")])
+def test_demo_gpu_configs_run_one_step_on_cpu(tmp_path: Path, objective: str, stage2: str) -> None:
+    """configs/demo/gpu/*.yaml parse and train 1 step on a CPU (accelerator and batch overridden)."""
+    out = tmp_path / "gpu"
+    args = ["--device", "gpu", "--accelerator", "cpu", "--objective", objective, "--out", str(out), "--threads", "2"]
+    args += ["--pretrain-steps", "1", "--finetune-steps", "1", "--batch-size", "8", "--num-workers", "0"]
+    args += ["--fid-samples", "4", "--fid-ref", "4"]
+    assert main(args) == 0
+    _check_outputs(out, objective, stage2)
