@@ -11,6 +11,7 @@ from epg.data import EPGDataModule
 from epg.data.demo import prepare_demo
 from epg.data.shards import write_shard
 from epg.method.normalization import denormalize
+from tests._trainers import cpu_trainer
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +156,7 @@ def test_fit_with_a_trainer(demo):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     dm, probe = _dm(demo, stage="pretrain"), Probe()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = cpu_trainer(max_epochs=1)
     trainer.fit(probe, dm)
     assert trainer.num_training_batches == dm.batches_per_epoch == 4
     assert (probe.seen, probe.val_seen) == (128, 500)

@@ -27,6 +27,7 @@ from epg.lightning.faults import (
 )
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
+from tests._trainers import cpu_trainer
 from tests.test_finetune_module import write_stage1
 from tests.test_resume import ENV, REPO, demo_data, write_config  # noqa: F401  (demo_data is a fixture)
 
@@ -35,15 +36,10 @@ NANO = "EPG-Nano/4"
 
 def trainer(root: Path, steps: int, **kwargs) -> L.Trainer:
     """CPU trainer saving every step (step=N.ckpt and last.ckpt) through AtomicCheckpointIO."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    return cpu_trainer(
         max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         limit_val_batches=0,
-        num_sanity_val_steps=0,
         log_every_n_steps=50,  # the NaN check then runs only before checkpoint saves
         default_root_dir=root,
         callbacks=[ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True)],

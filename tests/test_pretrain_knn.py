@@ -8,21 +8,13 @@ import torch
 
 from epg.lightning.pretrain import PretrainModule
 from tests._pretrain_utils import AugmentedDigits, mnist_tensors
+from tests._trainers import cpu_trainer
 
 STEPS = 200
 
 
 def _trainer(max_steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    return cpu_trainer(max_steps=max_steps)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from epg.lightning.base import PAPER_SCALER
 from epg.lightning.pretrain import PretrainModule
 from tests._pretrain_utils import TinyStage1Data
+from tests._trainers import cpu_trainer
 
 # K = 8 with N0 = 2, N1 = 16: K' = 3, so N(k) = 3, 5, 5, 5, 9, 9, 9, 17 over the first 8 updates.
 SMALL = dict(preset="EPG-Nano/4", total_steps=8, warmup_steps=2, curriculum_n0=2, curriculum_n1=16, lr=1e-3)
@@ -24,19 +25,7 @@ class Recorder(L.Callback):
 
 
 def _trainer(max_steps: int, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[Recorder()],
-    )
-    return L.Trainer(**(options | kwargs))
+    return cpu_trainer(**({"max_steps": max_steps, "limit_val_batches": 0, "callbacks": [Recorder()]} | kwargs))
 
 
 def _loader() -> torch.utils.data.DataLoader:
