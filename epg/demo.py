@@ -63,7 +63,7 @@ def checkpoint_state(path: Path) -> tuple[int, dict]:
     import torch
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a truncated file counts as missing
         return -1, {}
     return int(ckpt.get("global_step", -1)), dict(ckpt.get("hyper_parameters") or {})
