@@ -74,7 +74,8 @@ def test_demo_config_runs_through_epg_fit(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)  # the config's relative paths (runs/demo/...) resolve here
     prepare_demo("runs/demo/data")
     Path("runs/demo/pretrain/checkpoints").mkdir(parents=True)
-    write_stage1("runs/demo/pretrain/checkpoints/last.ckpt", preset="EPG-T/4")
+    args = load(ROOT / "configs" / "demo" / name)["model"]["init_args"]
+    write_stage1("runs/demo/pretrain/checkpoints/last.ckpt", preset=args["preset"], network=args.get("network"))
     # limit_val_batches=1 would read as 1.0 = all batches.
     overrides = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
     overrides += ["--model.val_sigmas=[0.5]"]
@@ -83,6 +84,6 @@ def test_demo_config_runs_through_epg_fit(tmp_path, monkeypatch, name):
     assert main(["fit", "-c", str(ROOT / "configs" / "demo" / name), *overrides]) == 0
     run = "finetune_dm" if "dm" in name else "finetune_cm"
     loaded = load_denoiser(f"runs/demo/{run}/checkpoints/last.ckpt", ema=0)
-    assert loaded.weights == "ema:0.99"
+    assert loaded.weights == f"ema:{args['ema_rates'][0]}"
     assert loaded.denoiser.parameterization == ("x0" if "dm" in name else "edm")
     assert list(Path(f"runs/demo/{run}/tb").rglob("events.out.tfevents.*"))

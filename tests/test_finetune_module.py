@@ -16,10 +16,12 @@ from epg.nn.official import CheckpointMismatchError
 NANO = "EPG-Nano/4"
 
 
-def write_stage1(path: str | os.PathLike, preset: str = NANO, seed: int = 0) -> PretrainModule:
+def write_stage1(
+    path: str | os.PathLike, preset: str = NANO, seed: int = 0, network: dict | None = None
+) -> PretrainModule:
     """A stage-1 hand-over file (PretrainModule.export_stage1) of a randomly initialised network."""
     torch.manual_seed(seed)
-    module = PretrainModule(preset=preset, warmup_steps=1, total_steps=10)
+    module = PretrainModule(preset=preset, network=network, warmup_steps=1, total_steps=10)
     module.export_stage1(path)
     return module
 
