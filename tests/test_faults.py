@@ -261,3 +261,28 @@ def test_fit_resumes_from_last_and_loads_weights_only_by_default(capsys):
     ckpt_help = text.split("--ckpt_path CKPT_PATH")[-1].split("--weights_only")[0]
     assert "default: last)" in ckpt_help
     assert "default: True)" in text.split("--weights_only {true,false,null}")[-1][:1000]
+
+
+def test_last_checkpoint_is_overwritten_after_a_resume_with_other_checkpoint_settings(tmp_path):
+    """A rerun with a changed checkpoint interval (epg demo rescales it) must still update last.ckpt, not last-v1."""
+
+    def run(steps: int, every: int, resume: str | None) -> None:
+        callback = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_last=True, enable_version_counter=False
+        )
+        module = FinetuneModule(preset=NANO, warmup_steps=1, total_steps=10, sample_every_n_val=0)
+        cpu_trainer(max_steps=steps, enable_checkpointing=True, callbacks=[callback]).fit(
+            module, images(8), ckpt_path=resume
+        )
+
+    run(2, 1, None)
+    run(4, 2, str(tmp_path / "ckpt" / "last.ckpt"))
+    assert not list((tmp_path / "ckpt").glob("last-v*.ckpt"))
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_every_config_overwrites_last_checkpoint():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        text = path.read_text()
+        if "ModelCheckpoint" in text:
+            assert "enable_version_counter: false" in text, path
