@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -52,6 +54,7 @@ class EPGModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.updates = 0  # applied optimizer updates; checkpointed
+        self._batch_times: deque[float] = deque(maxlen=51)  # host times of recent batch ends (images/s)
         self.skipped_updates = 0
         self._loss_watch = NonFiniteWatch()
 
@@ -178,11 +181,20 @@ class EPGModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/updates", float(self.updates), on_step=True, on_epoch=False, rank_zero_only=True)
+        # Images/s over the last ≤50 steps, measured on the host (steady state matches the device).
+        self._batch_times.append(time.perf_counter())
+        if len(self._batch_times) > 1:
+            images = (len(self._batch_times) - 1) * batch[0].shape[0] * self.trainer.world_size
+            rate = images / max(self._batch_times[-1] - self._batch_times[0], 1e-9)
+            self.log("train/images_per_sec", rate, rank_zero_only=True, batch_size=batch[0].shape[0])
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.check_finite_loss()
 
     def on_train_end(self) -> None:
         self.check_finite_loss()
+
+    def on_validation_epoch_start(self) -> None:
+        self._batch_times.clear()  # keep validation time out of the throughput window
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite_loss()  # before anything is written: a checkpoint never holds weights after a NaN step

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from typing import Literal
 
 import torch
@@ -159,8 +158,6 @@ class FinetuneModule(EPGModule):
         self.target_net = _frozen_copy(self.net, train=True) if cm else None
         self.aux_net = representation.requires_grad_(False).eval() if cm else None
         self._val_count = 0
-        self._batch_size = 0
-        self._last_batch_end: float | None = None
 
     # ---- construction ------------------------------------------------------------------------------------------
     def _init_encoder(self, path: str, preset: str) -> nn.Module:
@@ -228,13 +225,9 @@ class FinetuneModule(EPGModule):
         step = self.trainer.global_step if self._trainer is not None else self.updates  # skipped steps get new draws
         return seeded_generator(self.hparams.seed, step, micro_batch, 2, self.global_rank, device=device)
 
-    def on_train_start(self) -> None:
-        self._last_batch_end = None
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         y = y if self.net.class_embed is not None else None
-        self._batch_size = x.shape[0]
         hp, generator = self.hparams, self.noise_generator(x.device, self._micro_batch(batch_idx))
         log = dict(on_step=True, on_epoch=False, batch_size=x.shape[0])
         denoiser = self.denoiser()
@@ -304,15 +297,6 @@ class FinetuneModule(EPGModule):
             self.log(
                 f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
             )
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        now = time.perf_counter()
-        if self._last_batch_end is not None and now > self._last_batch_end:
-            images = self._batch_size * self.trainer.world_size
-            rate = images / (now - self._last_batch_end)
-            self.log("train/images_per_sec", rate, on_step=True, on_epoch=False, rank_zero_only=True)
-        self._last_batch_end = now
 
     # ---- validation --------------------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
-from collections import deque
 from typing import Literal
 
 import torch
@@ -96,7 +94,6 @@ class PretrainModule(EPGModule):
         self.target: EPGRepresentation = copy.deepcopy(self.online).requires_grad_(False)
         self.target.train(target_bn_train_mode)
         self.shift = resolution_shift(self.online.config.image_size)
-        self._batch_times: deque[float] = deque(maxlen=51)
         self._val_feats: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self.batches_seen = 0  # training batches so far (checkpointed): keys the noise of each micro-batch
@@ -225,15 +222,6 @@ class PretrainModule(EPGModule):
     def on_applied_update(self) -> None:
         ema_update_(self.target, self.online, self.hparams.target_momentum)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        # Images/s over the last ≤50 steps, measured on the host (steady state matches the device).
-        self._batch_times.append(time.perf_counter())
-        if len(self._batch_times) > 1:
-            images = (len(self._batch_times) - 1) * batch[0].shape[0] * self.trainer.world_size
-            rate = images / max(self._batch_times[-1] - self._batch_times[0], 1e-9)
-            self.log("train/images_per_sec", rate, rank_zero_only=True, batch_size=batch[0].shape[0])
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["epg_batches_seen"] = self.batches_seen
@@ -264,8 +252,8 @@ class PretrainModule(EPGModule):
 
     # ---- validation: k-NN accuracy of CLS features ----
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._val_feats, self._val_labels = [], []
-        self._batch_times.clear()  # keep validation time out of the throughput window
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y = batch[0], batch[-1]
