@@ -79,9 +79,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint as one dict: a file, or a sharded (FSDP, ``ModelParallelStrategy``) checkpoint folder.
 
     A folder holds ``meta.pt`` (Lightning's metadata, hyper-parameters included) and torch.distributed.checkpoint
-    shards, which are consolidated here on the CPU.
+    shards, which are consolidated here on the CPU. A folder that a crash left under its hidden ``.<name>.old`` twin
+    during an atomic swap (:class:`epg.lightning.faults.AtomicModelParallelStrategy`) is renamed back first.
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        from epg.lightning.faults import recover_interrupted_swap
+
+        recover_interrupted_swap(path, cleanup=False)  # a training job may be saving beside this reader
     if path.is_dir():
         meta = path / "meta.pt"
         if not meta.is_file():

@@ -157,8 +157,8 @@ def test_grad_scaler_runs_skip_the_nan_check():
     plugin = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
     module._trainer = types.SimpleNamespace(precision_plugin=plugin, global_step=3, world_size=1)
     module.watch_loss(torch.tensor(float("nan")), 1.0, 1.0)
-    module.check_finite_loss()
-    assert module._loss_watch.state is None
+    module.check_finite_loss()  # no error: the scaler skips the step
+    assert module._loss_watch.describe() == "step 3 (σ' = 1)"  # kept for the consecutive-skip limit
 
 
 # ---- config errors -----------------------------------------------------------------------------------------------

@@ -138,6 +138,18 @@ def test_zero_gap_gets_zero_weight_and_aux_can_be_off():
     assert terms.loss.item() == 0.0
 
 
+def test_aux_term_is_off_in_the_pure_denoising_stage_zero():
+    """§5.4 step 6: ℓ_aux is active whenever a ≠ 0; a = 0 (ect_delta 0) is a pure denoising warm-up (r = σ_min)."""
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 3, 4, 4) * 0.5
+    den = Denoiser(ScaledInput(0.3), "edm", image_size=SIZE)
+    warm = consistency_loss(den, den, FlatFeatures(), x0, None, stage=0, generator=torch.Generator().manual_seed(1))
+    assert warm.r.tolist() == pytest.approx([0.002] * 4) and warm.aux.tolist() == [0.0] * 4
+    assert warm.loss.item() == pytest.approx(warm.consistency.mean().item(), rel=1e-6)
+    on = consistency_loss(den, den, FlatFeatures(), x0, None, stage=1, generator=torch.Generator().manual_seed(1))
+    assert bool((on.aux > 0).all())
+
+
 def test_ect_stages_over_steps():
     assert [ect_stage(k) for k in (0, 99_999, 100_000, 199_999, 200_000, 650_000)] == [1, 1, 2, 2, 3, 7]
     g = torch.Generator().manual_seed(0)

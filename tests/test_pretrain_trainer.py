@@ -1,10 +1,12 @@
 """PretrainModule under a real Lightning Trainer on CPU: exact resume, skipped fp16 steps, validation k-NN."""
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from epg.lightning.base import PAPER_SCALER
+from epg.lightning.faults import NonFiniteLossError
 from epg.lightning.pretrain import PretrainModule
 from tests._pretrain_utils import TinyStage1Data
 from tests._trainers import cpu_trainer
@@ -94,6 +96,25 @@ def test_skipped_fp16_step_advances_nothing():
     assert lr2 == lr1 and torch.equal(t2, t1)  # no LR step, no EMA update on the skipped step
     assert not torch.equal(t3, t2) and lr3 != lr2
     assert module.num_scales_at(module.updates) == 5  # N(3), not N(4) = 9
+
+
+class NanFrom(PretrainModule):
+    """A loss that turns NaN from step ``bad_from`` on and stays NaN (the grad scaler would skip it forever)."""
+
+    bad_from = 1
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step >= self.bad_from else loss
+
+
+def test_a_loss_that_stays_nan_under_fp16_stops_after_the_skip_limit():
+    torch.manual_seed(0)
+    module = NanFrom(**SMALL, max_consecutive_skips=3)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(NonFiniteLossError, match=r"skipped 4 steps in a row \(steps 1-4, loss scale now [0-9.e+]+; "):
+        _trainer(8, plugins=[plugin]).fit(module, _loader())
+    assert module.updates == 1 and module.skipped_updates == 4
 
 
 def test_validate_logs_knn_accuracy():

@@ -50,10 +50,21 @@ def test_ddp_fit_each_stage(mode, tmp_path):
 
 
 def test_fsdp_shards_saves_and_resumes(tmp_path):
-    """ModelParallelStrategy + fully_shard on 2 CPU ranks: sharded checkpoint, exact state restore, continued run."""
+    """AtomicModelParallelStrategy + fully_shard on 2 CPU ranks: sharded save, exact state restore, continued run.
+
+    ``last.ckpt/`` is saved over itself after every step, each time replaced as a whole folder.
+    """
     first = fit("fsdp", tmp_path / "a", "--steps", "3")
     folder = Path(first["ckpt"])
     assert folder.is_dir() and (folder / "meta.pt").is_file()  # a sharded (distributed) checkpoint
+    # last.ckpt/ was saved over itself after each of the 3 steps (AtomicModelParallelStrategy): each time a whole new
+    # folder replaced it, without the stray shard dropped into the previous one, and no .tmp/.old sibling remains.
+    ckpts = tmp_path / "a" / "ckpts"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]
+    last = ckpts / "last.ckpt"
+    assert not (last / "__7_0.distcp").exists()
+    assert {".metadata", "meta.pt"} <= {p.name for p in last.iterdir()}
+    assert read_checkpoint(last)["epg_updates"] == 3
     # Resuming restores weights, EMA copies, optimizer moments and the update count exactly: resume and save again.
     again = fit("fsdp", tmp_path / "b", "--steps", "3", "--resume", str(folder))
     a, b = read_checkpoint(folder), read_checkpoint(again["ckpt"])
@@ -67,6 +78,8 @@ def test_fsdp_shards_saves_and_resumes(tmp_path):
     # And training continues from there.
     resumed = fit("fsdp", tmp_path / "a", "--steps", "5", "--resume", str(folder))
     assert resumed["updates"] == "5" and resumed["global_step"] == "5"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"] and not (last / "__7_0.distcp").exists()
+    assert read_checkpoint(last)["epg_updates"] == 5  # the first run's folder, replaced by another process
     model = load_denoiser(resumed["ckpt"], ema=1)
     assert model.weights == "ema:0.5"
     x = torch.randn(2, 3, 16, 16)

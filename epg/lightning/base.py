@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from epg.lightning.faults import NonFiniteWatch
+from epg.lightning.faults import NonFiniteLossError, NonFiniteWatch
 from epg.nn.flops import train_flops_per_image
 
 # The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
+DEFAULT_MAX_SKIPS = 100  # skipped fp16 steps in a row before a stop (the scale has then halved 100 times)
 PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "backoff_factor": 0.5, "growth_interval": 1}
 
 
@@ -49,6 +50,8 @@ class EPGModule(L.LightningModule):
     Without a grad scaler (32-true, bf16-mixed) a NaN/inf loss is an error instead: subclasses pass each step's loss
     and noise levels to :meth:`watch_loss`, and :class:`epg.lightning.faults.NonFiniteLossError` names the step and
     σ' (checked on logging steps and before every checkpoint save, see :class:`~epg.lightning.faults.NonFiniteWatch`).
+    With a grad scaler, more than ``max_consecutive_skips`` skipped steps in a row (a loss that stays NaN/inf, which
+    the scaler would otherwise skip forever) raise the same error, naming the steps and the first bad σ'.
     """
 
     def __init__(self) -> None:
@@ -56,6 +59,7 @@ class EPGModule(L.LightningModule):
         self.updates = 0  # applied optimizer updates; checkpointed
         self._batch_times: deque[float] = deque(maxlen=51)  # host times of recent batch ends (images/s)
         self.skipped_updates = 0
+        self._skips_in_a_row = 0
         self._loss_watch = NonFiniteWatch()
 
     # ---- hooks for subclasses ----
@@ -141,10 +145,26 @@ class EPGModule(L.LightningModule):
         optimizer.step(closure=optimizer_closure)
         if scaler is not None and scaler.get_scale() < before:
             self.skipped_updates += 1
+            self._skips_in_a_row += 1
             self.log("train/skipped_updates", float(self.skipped_updates), rank_zero_only=True)
+            self._check_skips(scaler.get_scale())
             return
+        self._skips_in_a_row = 0
         self.updates += 1
         self.on_applied_update()
+
+    def _check_skips(self, scale: float) -> None:
+        """Stop once the grad scaler has skipped more than ``max_consecutive_skips`` steps in a row."""
+        limit = self.hparams.get("max_consecutive_skips", DEFAULT_MAX_SKIPS)
+        if not limit or self._skips_in_a_row <= limit:
+            return
+        step = self.trainer.global_step
+        first = self._loss_watch.describe()
+        raise NonFiniteLossError(
+            f"the grad scaler skipped {self._skips_in_a_row} steps in a row (steps {step - self._skips_in_a_row + 1}"
+            f"-{step}, loss scale now {scale:.3g}; first non-finite loss: {first}): the loss or its gradients stay "
+            "NaN/inf; resume from the last checkpoint with a lower lr, or raise model.init_args.max_consecutive_skips"
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
@@ -165,8 +185,11 @@ class EPGModule(L.LightningModule):
     def watch_loss(
         self, loss: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, label: str = "σ'"
     ) -> None:
-        """Record this step's loss and its noise-level span [lo, hi] for the NaN/inf check (no host sync)."""
-        if not self.watching_loss:
+        """Record this step's loss and its noise-level span [lo, hi] for the NaN/inf check (no host sync).
+
+        Also recorded under a grad scaler (which skips such steps instead of stopping): the skip limit names it.
+        """
+        if self._trainer is None:
             return
         self._loss_watch.label = label
         self._loss_watch.record(loss, self.trainer.global_step, lo, hi)

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from epg.data.datamodule import EPGDataModule
 from epg.data.shards import expand_shards, is_remote
-from epg.lightning.faults import AtomicCheckpointIO, ConfigError, SigtermCheckpoint
+from epg.lightning.faults import AtomicCheckpointIO, ConfigError, SigtermCheckpoint, recover_interrupted_swap
 from epg.nn.official import CheckpointMismatchError
 from epg.nn.presets import get_config
 
@@ -88,13 +88,18 @@ class EPGCLI(LightningCLI):
         """Resolve ``ckpt_path: last`` to the newest last*.ckpt (or SLURM hpc_ckpt_*.ckpt) file, or start afresh.
 
         Lightning's own "last" ignores the hpc checkpoints of SLURM auto-requeue, and warns when there is none.
+        A sharded ``last.ckpt`` folder that a crash left under its hidden ``.last.ckpt.old`` name (see
+        :class:`~epg.lightning.faults.AtomicModelParallelStrategy`) is renamed back first.
         """
         init = self.config_init["fit"]
         if init.get("ckpt_path") != "last":
             return
-        folders = [cb.dirpath for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+        callbacks = [cb for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+        folders = [cb.dirpath for cb in callbacks]
         if not folders or None in folders:
             return  # a folder Lightning resolves later: let it search
+        for cb in callbacks:
+            recover_interrupted_swap(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
         last = ModelCheckpoint.CHECKPOINT_NAME_LAST
         found = _files(folders, lambda f: f.startswith(last) and f.endswith(ModelCheckpoint.FILE_EXTENSION))
         found += _files([self.trainer.default_root_dir], lambda f: re.fullmatch(r"hpc_ckpt_\d+\.ckpt", f) is not None)

@@ -1,9 +1,11 @@
-"""Fault handling of long runs: atomic checkpoint files, save-and-exit on SIGTERM, non-finite loss errors."""
+"""Fault handling of long runs: atomic checkpoint files and folders, save-and-exit on SIGTERM, non-finite losses."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,6 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -71,6 +74,122 @@ def _fsync_dir(folder: str) -> None:
         pass  # some file systems cannot fsync a directory
     finally:
         os.close(fd)
+
+
+# ---- atomic sharded checkpoint folders ---------------------------------------------------------------------------
+def swap_names(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The hidden siblings ``(<parent>/.<name>.tmp, <parent>/.<name>.old)`` of a checkpoint folder ``path``.
+
+    Both start with a dot, so they never match the ``last*.ckpt`` or ``hpc_ckpt_N.ckpt`` searches of ``--ckpt_path
+    last``, nor Lightning's own ``*.ckpt`` listing.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree; what is already gone (another rank removed it) is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            raise OSError(f"could not remove {path}")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file of ``folder`` (one level deep, as torch.distributed.checkpoint writes) and the folder."""
+    for entry in folder.iterdir():
+        if entry.is_file():
+            with open(entry, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(str(folder))
+
+
+def swap_in_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the complete folder ``tmp`` in place of ``path`` (a folder, file or link, or nothing) with two renames.
+
+    ``path`` is first renamed to its hidden ``.<name>.old`` twin, then ``tmp`` to ``path``, then the old one is
+    deleted. A folder cannot replace a non-empty folder in one atomic rename on POSIX, but at every instant either
+    the old or the new complete checkpoint exists under ``path`` or, between the two renames, under ``.<name>.old``,
+    which :func:`recover_interrupted_swap` renames back after a crash. A ``.<name>.old`` left next to an existing
+    ``path`` is stale (a crash after the second rename) and is deleted first.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = swap_names(path)[1]
+    for _ in range(3):
+        if os.path.lexists(path):
+            if os.path.lexists(old):
+                _remove(old)  # ``path`` is complete, so this is the leftover of an earlier swap
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+            break
+        except OSError:
+            # A reader's recover_interrupted_swap put the old folder back between our two renames: go again.
+            if not (os.path.lexists(path) and tmp.is_dir()):
+                raise
+    else:
+        raise OSError(f"could not move {tmp} to {path}: it keeps reappearing")
+    _fsync_dir(str(path.parent))  # make the renames durable before the old checkpoint goes
+    if os.path.lexists(old):
+        _remove(old)
+
+
+def recover_interrupted_swap(path: str | os.PathLike, cleanup: bool = True) -> bool:
+    """Repair what a crash inside :func:`swap_in_folder` or :meth:`AtomicModelParallelStrategy.save_checkpoint` left.
+
+    If ``path`` is missing but its ``.<name>.old`` twin exists, the crash hit between the two renames: the old
+    complete checkpoint is renamed back (returns True). With ``cleanup`` it also deletes a half-written
+    ``.<name>.tmp`` and a stale ``.<name>.old`` next to an existing ``path``; only do that when no save to ``path``
+    can be running (before training starts), never from a reader that may run beside a training job.
+    Safe to call from several ranks at once.
+    """
+    path = Path(path)
+    tmp, old = swap_names(path)
+    recovered = False
+    if not os.path.lexists(path) and os.path.lexists(old):
+        try:
+            os.rename(old, path)
+            recovered = True
+        except FileNotFoundError:
+            pass  # another rank (or process) renamed it back first
+        _fsync_dir(str(path.parent))
+    if cleanup:
+        _remove(tmp)
+        if os.path.lexists(path):
+            _remove(old)
+    return recovered
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2) whose sharded checkpoint folders are replaced atomically.
+
+    The parent writes a sharded checkpoint (torch.distributed.checkpoint shard files and ``.metadata``, then rank 0's
+    ``meta.pt``) in place, so a run killed while overwriting ``last.ckpt/`` leaves a mix of old and new shards. Here
+    all ranks write into the hidden sibling ``.<name>.tmp`` (rank 0 deletes a stale one first), and once every rank
+    is done rank 0 fsyncs it and swaps it in with :func:`swap_in_folder`: at any instant the old or the new complete
+    folder exists under the name or, for the moment between two renames, under ``.<name>.old``, which ``epg fit
+    --ckpt_path last`` and :func:`epg.checkpoint.read_checkpoint` rename back (:func:`recover_interrupted_swap`).
+    The folder must be on a file system all ranks share. Full (``save_distributed_checkpoint=False``) checkpoints
+    keep the parent's single-file save through the CheckpointIO (:class:`AtomicCheckpointIO` under EPGCLI).
+    In a config: ``trainer.strategy: {class_path: epg.lightning.faults.AtomicModelParallelStrategy}``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(os.fspath(filepath))).absolute()  # rank 0's path, as the parent does
+        tmp = swap_names(path)[0]
+        if self.global_rank == 0:
+            _remove(tmp)  # a half-written folder of a killed save
+        self.barrier("epg_atomic_save_start")
+        super().save_checkpoint(checkpoint, tmp)
+        self.barrier("epg_atomic_save_written")
+        if self.global_rank == 0:
+            _fsync_tree(tmp)  # the shard files are fsynced by torch.distributed.checkpoint, meta.pt is not
+            swap_in_folder(tmp, path)
+        self.barrier("epg_atomic_save_done")
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> str:
@@ -160,6 +279,14 @@ class NonFiniteWatch:
         bad = ~torch.isfinite(loss).all()
         row = torch.stack([_scalar(1.0, device), _scalar(step, device), _scalar(lo, device), _scalar(hi, device)])
         self.state = torch.where(bad & (self.state[0] == 0), row, self.state)
+
+    def describe(self) -> str:
+        """This rank's first recorded non-finite loss as "step S (σ' = …)", or "none recorded" (syncs)."""
+        seen, step, lo, hi = self.state.tolist() if self.state is not None else (0, 0, 0, 0)
+        if not seen:
+            return "none recorded (the gradients overflowed)"
+        span = f"= {lo:.4g}" if lo == hi else f"in [{lo:.4g}, {hi:.4g}]"
+        return f"step {int(step)} ({self.label} {span})"
 
     def check(self, module: L.LightningModule, now: int) -> None:
         """Raise :class:`NonFiniteLossError` if any rank recorded a non-finite loss (a collective under DDP)."""

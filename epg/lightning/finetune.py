@@ -68,6 +68,8 @@ class FinetuneModule(EPGModule):
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
             draw independently (METHOD.md §4), and a resumed run continues with the draws it would have made.
         paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings (METHOD.md §4, §3.7).
+        max_consecutive_skips: under "16-mixed", stop with an error naming the steps once the grad scaler has skipped
+            more than this many steps in a row (a loss that stays NaN/inf); 0 disables the limit.
         val_sigmas, val_seed: unshifted noise levels and seed of the validation denoising MSE.
         sample_every_n_val: log a sample grid every n-th validation (0: never); grid_size, grid_seed fix the noise and
             labels; sample_sampler/sample_steps/sample_guidance go to ``epg.sampling.sample`` (None: the objective's
@@ -108,6 +110,7 @@ class FinetuneModule(EPGModule):
         normalization: Literal["imagenet", "simple"] = "imagenet",
         seed: int = 1234,
         paper_grad_scaler: bool = True,
+        max_consecutive_skips: int = 100,
         val_sigmas: tuple[float, ...] = (0.02, 0.1, 0.5, 1.0, 2.0, 10.0),
         val_seed: int = 0,
         sample_every_n_val: int = 1,
@@ -242,8 +245,7 @@ class FinetuneModule(EPGModule):
                 weighting=hp.loss_weighting,
                 generator=generator,
             )
-            if self.watching_loss:
-                self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
+            self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
             if self._logging_step():
                 self._log_sigma_buckets(terms.sigma, terms.weighted.detach())
                 self.log("train/x0_mse", terms.mse.mean(), **log)
@@ -266,9 +268,8 @@ class FinetuneModule(EPGModule):
                 aux_tau=hp.aux_tau,
                 generator=generator,
             )
-            if self.watching_loss:
-                per_sample = terms.consistency + hp.aux_weight * terms.aux
-                self.watch_loss(terms.loss, *nonfinite_span(per_sample, denoiser.shift * terms.t), label="t'")
+            per_sample = terms.consistency + hp.aux_weight * terms.aux
+            self.watch_loss(terms.loss, *nonfinite_span(per_sample, denoiser.shift * terms.t), label="t'")
             self.log("train/ect_stage", float(stage), **log)
             self.log("train/consistency", terms.consistency.detach().mean(), **log)
             self.log("train/aux", terms.aux.detach().mean(), **log)

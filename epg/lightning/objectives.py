@@ -143,7 +143,8 @@ def consistency_loss(
     """ECT loss mean(w·ℓ + aux_weight·ℓ_aux) with w = 1/(t′ − r′) and the pseudo-Huber ℓ (METHOD.md §5.3–§5.4).
 
     ``denoiser`` and ``target`` use the "edm" output; ``target`` holds a copy of the online weights (stop-gradient).
-    ``aux_net`` is the frozen stage-1 encoder + projector (eval mode); None or ``aux_weight`` 0 drops that term.
+    ``aux_net`` is the frozen stage-1 encoder + projector (eval mode); None, ``aux_weight`` 0 or stage a = 0 (a pure
+    denoising warm-up, reached only with ``ect_delta`` 0) drops that term.
     Negatives of the auxiliary InfoNCE are gathered across ranks.
     """
     t, r = ect_sample_tr(x0.shape[0], stage, p_mean, p_std, q, kappa, b, generator=generator, device=x0.device)
@@ -156,7 +157,7 @@ def consistency_loss(
     gap = denoiser.shift * (t - r)  # shifted units, float64 so tiny gaps at late stages stay exact
     weight = torch.where(gap > 0, 1.0 / gap.clamp(min=1e-30), torch.zeros_like(gap)).float()
     consistency = weight * pseudo_huber(sq_dist, huber_c)
-    if aux_net is not None and aux_weight != 0:
+    if aux_net is not None and aux_weight != 0 and stage != 0:  # active whenever a ≠ 0 (§5.4 step 6)
         f1 = aux_features(aux_net, d_t, denoiser.sigma_min)
         with torch.no_grad():
             f2 = aux_features(aux_net, x0, denoiser.sigma_min)

@@ -48,6 +48,8 @@ class PretrainModule(EPGModule):
         normalization: pixel normalization of the data (stored for reference; METHOD.md §1.1).
         seed: seeds the pair index (per step) and the noise (per batch and rank), so a resumed run continues exactly.
         paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings instead of Lightning's.
+        max_consecutive_skips: under "16-mixed", stop with an error naming the steps once the grad scaler has skipped
+            more than this many steps in a row (a loss that stays NaN/inf); 0 disables the limit.
         export_path: where to write the stage-1 hand-over file at the end of ``fit`` (None: don't).
         compile: ``torch.compile`` the online and target networks in place (state-dict keys unchanged).
     """
@@ -77,6 +79,7 @@ class PretrainModule(EPGModule):
         normalization: str = "imagenet",
         seed: int = 1234,
         paper_grad_scaler: bool = True,
+        max_consecutive_skips: int = 100,
         export_path: str | None = None,
         compile: bool = False,
     ) -> None:

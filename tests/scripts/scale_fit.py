@@ -4,7 +4,8 @@ usage: scale_fit.py MODE OUT [--devices N] [--steps N] [--resume CKPT]
   ddp-equiv   FinetuneModule (DM) one step with σ and ε fixed per sample; rank 0 saves loss and gradients
   pretrain    PretrainModule DDP fit; saves a checkpoint
   finetune    FinetuneModule DDP fit (DM and CM); saves checkpoints
-  fsdp        FinetuneModule under ModelParallelStrategy (FSDP2) with save/resume
+  fsdp        FinetuneModule under AtomicModelParallelStrategy (FSDP2) with save/resume; OUT/ckpts/last.ckpt is
+              saved after every step, each time over a stray file that rank 0 drops into the previous one
 """
 
 import argparse
@@ -13,9 +14,11 @@ import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 
 import epg.lightning.objectives as objectives
+from epg.lightning.faults import AtomicModelParallelStrategy
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
 
@@ -50,6 +53,23 @@ def fixed_draws() -> None:
 
     objectives.dm_sigma_index = sigma_index
     objectives.gaussian_like = noise
+
+
+class StrayFile(L.Callback):
+    """Before each save of ``last.ckpt/`` rank 0 drops into the previous folder a shard file that no save writes.
+
+    It stands for a shard of an earlier save (another world size) or of a save killed half-way: a folder written in
+    place keeps it next to the new shards; a folder swapped in whole does not.
+    """
+
+    def __init__(self, checkpoint: ModelCheckpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # runs before ModelCheckpoint's
+        folder = os.path.join(self.checkpoint.dirpath, "last.ckpt")
+        if trainer.global_rank == 0 and os.path.isdir(folder):
+            with open(os.path.join(folder, "__7_0.distcp"), "wb") as f:
+                f.write(b"stale")
 
 
 def trainer(args, strategy, **kw) -> L.Trainer:
@@ -125,7 +145,8 @@ def main() -> None:
             preset="EPG-Nano/4", warmup_steps=2, total_steps=100, sample_every_n_val=0, ema_rates=(0.9, 0.5)
         )
         loader = torch.utils.data.DataLoader(Digits(n), batch_size=local, drop_last=True)
-        t = trainer(args, ModelParallelStrategy())
+        last = ModelCheckpoint(os.path.join(args.out, "ckpts"), save_last=True, save_top_k=0, every_n_train_steps=1)
+        t = trainer(args, AtomicModelParallelStrategy(), callbacks=[StrayFile(last), last])
     else:
         sys.exit(f"unknown mode {args.mode}")
     t.fit(module, loader, ckpt_path=args.resume)
