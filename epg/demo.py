@@ -5,7 +5,8 @@ pre-training (METHOD.md §3) with ``configs/demo/pretrain.yaml``, stage-2 fine-t
 diffusion model (§4, ``finetune_dm.yaml``) or a consistency model (§5, ``finetune_cm.yaml``), then with the first EMA
 copy: a 10x10 grid (row c = class c, fixed seed), N class-balanced samples scored by FID against the val split (cached
 reference statistics) and by the class accuracy of a small digit classifier (:mod:`epg.eval.digits`), and a JSON
-summary (OUT/summary.json). ``--device gpu`` uses ``configs/demo/gpu/*.yaml`` (longer runs of a larger network).
+summary (OUT/summary.json). ``--device gpu`` uses ``configs/demo/gpu/*.yaml`` (the CPU recipe trained longer; with
+``--accelerator cpu`` the same steps run on a CPU).
 
 The Lightning fits run as subprocesses of `epg fit` (own thread settings; a finished stage is skipped and an
 interrupted one resumes from its last checkpoint). Measured results of the demo configurations (2 shared CPU cores)
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `epg demo` argument parser."""
     p = argparse.ArgumentParser(prog="epg demo", description=__doc__.splitlines()[0])
     p.add_argument("--objective", default="diffusion", choices=sorted(OBJECTIVES), help="stage-2 model (§4 or §5)")
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu: the 15-minute demo; gpu: longer runs")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu: the 15-min demo; gpu: trained longer")
     p.add_argument("--out", help="folder for data, checkpoints, logs, samples, summary.json (runs/demo, runs/demo_gpu)")
     p.add_argument("--fresh", action="store_true", help="retrain both stages even when their checkpoints exist")
     p.add_argument("--config-dir", help="folder with pretrain.yaml, finetune_dm.yaml, finetune_cm.yaml and gpu/")

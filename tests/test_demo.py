@@ -30,6 +30,45 @@ def test_schedule_args_rescale_the_cm_schedule() -> None:
     ]
 
 
+# What the GPU variant may change relative to the CPU demo: run length and what scales with it, paths, the device.
+GPU_CHANGES = {
+    "accelerator", "max_steps", "total_steps", "warmup_steps", "val_check_interval", "every_n_train_steps",
+    "lr_milestones", "ect_d0", "ect_d1", "ema_rates", "sample_steps", "num_workers",
+}  # fmt: skip
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+    elif isinstance(node, list) and node and isinstance(node[0], dict):
+        for k, value in enumerate(node):
+            yield from _leaves(value, f"{prefix}[{k}]")
+    else:
+        yield prefix, node
+
+
+@pytest.mark.parametrize("name", ["pretrain.yaml", "finetune_dm.yaml", "finetune_cm.yaml"])
+def test_gpu_variant_is_the_cpu_recipe_trained_longer(name: str) -> None:
+    """The GPU configs keep the CPU demo's model, resolution, batch, precision and knobs (measured on CPUs)."""
+    import yaml
+
+    cpu = dict(_leaves(yaml.safe_load((CONFIGS / name).read_text())))
+    gpu = dict(_leaves(yaml.safe_load((CONFIGS / "gpu" / name).read_text())))
+    assert set(cpu) == set(gpu)
+    differ = {key for key in cpu if cpu[key] != gpu[key]}
+    assert {key.rsplit(".", 1)[-1] for key in differ} <= GPU_CHANGES | {
+        "default_root_dir",
+        "save_dir",
+        "dirpath",
+        "init_from",
+        "train_shards",
+        "val_shards",
+    }
+    assert gpu["trainer.max_steps"] > cpu["trainer.max_steps"] and gpu["trainer.accelerator"] == "gpu"
+    assert all(str(gpu[k]).startswith("runs/demo_gpu/") for k in differ if str(cpu[k]).startswith("runs/demo/"))
+
+
 def _check_outputs(out: Path, objective: str, stage2: str) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == objective

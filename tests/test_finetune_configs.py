@@ -59,6 +59,7 @@ def test_paper_rows_keep_the_paper_recipe(name):
         assert (args["p_mean"], args["network"]["drop"], data["label_drop"]) == (-0.4, 0.5, 0.0)
         assert (args["lr_milestones"], args["lr_factors"]) == ([400_000, 500_000], [0.3, 0.08])
         assert (args["huber_c"], args["aux_weight"], args["aux_tau"]) == (0.06, 1.0, 0.1)
+        assert args.get("ect_weighting", "inverse_gap") == "inverse_gap"  # 1/(t′ − r′), §5.4
         assert (args["ect_d0"], args["ect_d1"], args["ect_delta"], cfg["trainer"]["max_steps"]) == (
             100_000, 100_000, 1, 700_000)  # fmt: skip
 

@@ -150,6 +150,35 @@ def test_aux_term_is_off_in_the_pure_denoising_stage_zero():
     assert bool((on.aux > 0).all())
 
 
+def test_scaled_cm_weighting_multiplies_the_paper_weight_by_one_over_sigma_d_c_in():
+    x0 = torch.randn(6, 3, 16, 16) * 0.5
+    den = Denoiser(ScaledInput(0.3), "edm", image_size=16)  # s_H = 1/4: the factor uses the shifted t′
+
+    def run(weighting):
+        return consistency_loss(
+            den,
+            den,
+            None,
+            x0,
+            None,
+            stage=1,
+            p_mean=1.0,
+            weighting=weighting,
+            generator=torch.Generator().manual_seed(2),
+        )
+
+    paper, scaled = run("inverse_gap"), run("inverse_gap_scaled")
+    assert torch.equal(paper.t, scaled.t) and torch.equal(paper.r, scaled.r)
+    for k in range(6):
+        t_shifted, gap = 0.25 * paper.t[k].item(), 0.25 * (paper.t[k] - paper.r[k]).item()
+        assert paper.weight[k].item() == pytest.approx(1 / gap, rel=1e-5)
+        factor = math.sqrt(t_shifted**2 + 0.25) / 0.5
+        assert scaled.weight[k].item() == pytest.approx(factor / gap, rel=1e-5)
+        assert scaled.consistency[k].item() == pytest.approx(factor * paper.consistency[k].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="ect_weighting"):
+        consistency_loss(den, den, None, x0, None, stage=1, weighting="snr")
+
+
 def test_ect_stages_over_steps():
     assert [ect_stage(k) for k in (0, 99_999, 100_000, 199_999, 200_000, 650_000)] == [1, 1, 2, 2, 3, 7]
     g = torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ from torch import nn
 from epg.checkpoint import load_stage1_representation
 from epg.lightning.base import EPGModule, param_groups, seeded_generator
 from epg.lightning.faults import nonfinite_span
-from epg.lightning.objectives import LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
+from epg.lightning.objectives import CM_WEIGHTINGS, LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
 from epg.method.curriculum import ect_stage
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
@@ -64,6 +64,8 @@ class FinetuneModule(EPGModule):
         sigma_grid: DM Karras grid size (§4 step 2). loss_weighting: DM weight, see ``objectives.diffusion_weight``.
         ect_d0, ect_d1, ect_delta, ect_q, ect_kappa, ect_b: ECT stage and (t, r) parameters (§5.3).
         huber_c, aux_weight, aux_tau: CM pseudo-Huber c, auxiliary InfoNCE weight and temperature (§5.4).
+        ect_weighting: CM weight, "inverse_gap" (the paper's 1/(t′ − r′), §5.4) or "inverse_gap_scaled" (for short
+            runs), see ``objectives.consistency_loss``.
         normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
             draw independently (METHOD.md §4), and a resumed run continues with the draws it would have made.
@@ -105,6 +107,7 @@ class FinetuneModule(EPGModule):
         ect_kappa: float = 8.0,
         ect_b: float = 1.0,
         huber_c: float = 0.06,
+        ect_weighting: Literal["inverse_gap", "inverse_gap_scaled"] = "inverse_gap",
         aux_weight: float = 1.0,
         aux_tau: float = 0.1,
         normalization: Literal["imagenet", "simple"] = "imagenet",
@@ -126,6 +129,7 @@ class FinetuneModule(EPGModule):
         for name, value, choices in (
             ("objective", objective, OBJECTIVES),
             ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
+            ("ect_weighting", ect_weighting, CM_WEIGHTINGS),
             ("normalization", normalization, NORMALIZATIONS),
             ("lr_schedule", lr_schedule, (*LR_SCHEDULES, None)),
         ):
@@ -245,7 +249,8 @@ class FinetuneModule(EPGModule):
                 weighting=hp.loss_weighting,
                 generator=generator,
             )
-            self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
+            if self._trainer is not None:  # the NaN/inf record (also kept under a grad scaler: skip limit)
+                self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
             if self._logging_step():
                 self._log_sigma_buckets(terms.sigma, terms.weighted.detach())
                 self.log("train/x0_mse", terms.mse.mean(), **log)
@@ -264,12 +269,14 @@ class FinetuneModule(EPGModule):
                 kappa=hp.ect_kappa,
                 b=hp.ect_b,
                 huber_c=hp.huber_c,
+                weighting=hp.ect_weighting,
                 aux_weight=hp.aux_weight,
                 aux_tau=hp.aux_tau,
                 generator=generator,
             )
-            per_sample = terms.consistency + hp.aux_weight * terms.aux
-            self.watch_loss(terms.loss, *nonfinite_span(per_sample, denoiser.shift * terms.t), label="t'")
+            if self._trainer is not None:
+                per_sample = terms.consistency + hp.aux_weight * terms.aux
+                self.watch_loss(terms.loss, *nonfinite_span(per_sample, denoiser.shift * terms.t), label="t'")
             self.log("train/ect_stage", float(stage), **log)
             self.log("train/consistency", terms.consistency.detach().mean(), **log)
             self.log("train/aux", terms.aux.detach().mean(), **log)

@@ -13,6 +13,7 @@ from epg.method.losses import gather_local_first, info_nce, pseudo_huber
 from epg.method.noise import SIGMA_DATA, append_dims, c_in, c_noise, karras_sigma
 
 LOSS_WEIGHTINGS = ("inverse_spacing", "edm", "uniform")
+CM_WEIGHTINGS = ("inverse_gap", "inverse_gap_scaled")
 
 
 @dataclass
@@ -138,6 +139,7 @@ def consistency_loss(
     huber_c: float = 0.06,
     aux_weight: float = 1.0,
     aux_tau: float = 0.1,
+    weighting: str = "inverse_gap",
     generator: torch.Generator | None = None,
 ) -> ConsistencyTerms:
     """ECT loss mean(w·ℓ + aux_weight·ℓ_aux) with w = 1/(t′ − r′) and the pseudo-Huber ℓ (METHOD.md §5.3–§5.4).
@@ -145,8 +147,14 @@ def consistency_loss(
     ``denoiser`` and ``target`` use the "edm" output; ``target`` holds a copy of the online weights (stop-gradient).
     ``aux_net`` is the frozen stage-1 encoder + projector (eval mode); None, ``aux_weight`` 0 or stage a = 0 (a pure
     denoising warm-up, reached only with ``ect_delta`` 0) drops that term.
-    Negatives of the auxiliary InfoNCE are gathered across ranks.
+    Negatives of the auxiliary InfoNCE are gathered across ranks. ``weighting`` "inverse_gap" is the paper's
+    w = 1/(t′ − r′); "inverse_gap_scaled" multiplies it by √(t′² + σ_d²)/σ_d = 1/(σ_d·c_in(t′)), an option for
+    short runs: the pseudo-Huber metric is essentially a norm, so the gradient reaching the network output F at t′
+    scales as w·c_out(t′) = σ_d·c_in(t′) for the denoising-like pairs (r′ = σ′_min), 40x smaller at t′ = 20 than near
+    t′ = 0; the factor makes it the same at every t′.
     """
+    if weighting not in CM_WEIGHTINGS:
+        raise ValueError(f"unknown ect_weighting {weighting!r}: choose one of {CM_WEIGHTINGS}")
     t, r = ect_sample_tr(x0.shape[0], stage, p_mean, p_std, q, kappa, b, generator=generator, device=x0.device)
     t_shifted, r_shifted = (denoiser.shift * t).float(), (denoiser.shift * r).float()
     eps = gaussian_like(x0, generator)  # one ε shared by both points (§5.4 step 1)
@@ -155,7 +163,11 @@ def consistency_loss(
     d_t, d_r = shared_dropout_pair(denoiser, target, x_t, t_shifted, x_r, r_shifted, y)
     sq_dist = (d_t.float() - d_r.float()).square().flatten(1).sum(1)
     gap = denoiser.shift * (t - r)  # shifted units, float64 so tiny gaps at late stages stay exact
-    weight = torch.where(gap > 0, 1.0 / gap.clamp(min=1e-30), torch.zeros_like(gap)).float()
+    weight = torch.where(gap > 0, 1.0 / gap.clamp(min=1e-30), torch.zeros_like(gap))
+    if weighting == "inverse_gap_scaled":
+        t_sh = denoiser.shift * t
+        weight = weight * (t_sh.square() + SIGMA_DATA**2).sqrt() / SIGMA_DATA
+    weight = weight.float()
     consistency = weight * pseudo_huber(sq_dist, huber_c)
     if aux_net is not None and aux_weight != 0 and stage != 0:  # active whenever a ≠ 0 (§5.4 step 6)
         f1 = aux_features(aux_net, d_t, denoiser.sigma_min)
