@@ -165,8 +165,7 @@ def consistency_loss(
     gap = denoiser.shift * (t - r)  # shifted units, float64 so tiny gaps at late stages stay exact
     weight = torch.where(gap > 0, 1.0 / gap.clamp(min=1e-30), torch.zeros_like(gap))
     if weighting == "inverse_gap_scaled":
-        t_sh = denoiser.shift * t
-        weight = weight * (t_sh.square() + SIGMA_DATA**2).sqrt() / SIGMA_DATA
+        weight = weight / (SIGMA_DATA * c_in(denoiser.shift * t))
     weight = weight.float()
     consistency = weight * pseudo_huber(sq_dist, huber_c)
     if aux_net is not None and aux_weight != 0 and stage != 0:  # active whenever a ≠ 0 (§5.4 step 6)
