@@ -16,6 +16,7 @@ from epg.eval.metrics import InceptionFeatures
 from epg.eval.reference import load_reference
 from epg.eval.sweep import fid_to_reference, pool_features, sample_images
 from epg.lightning.finetune import FinetuneModule
+from tests._trainers import cpu_trainer
 from tests.test_eval_metrics import one_thread, photo_crops, write_folder
 
 N = 8
@@ -93,20 +94,14 @@ def test_callback_from_yaml_logs_fid_of_ema_samples(tmp_path, real, monkeypatch)
 @pytest.mark.slow
 def test_two_ranks_give_the_single_rank_fid(tmp_path, real):
     """ddp_spawn on 2 CPU processes: each samples half of the images; the gathered FID equals one process's."""
-    import lightning as L
 
     module = FinetuneModule(preset="EPG-Nano/4", warmup_steps=1, total_steps=10, ema_rates=(0.5,))
     callback = InLoopFID(every_n_steps=1, num_samples=7, reference=str(real), steps=3, cache_dir=str(tmp_path))
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_steps=1,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[callback],
         default_root_dir=tmp_path,
     )

@@ -5,6 +5,7 @@ import torch
 from epg.lightning.base import param_groups
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
+from tests._trainers import cpu_trainer
 
 
 def test_no_weight_decay_on_pos_embed_and_cls():
@@ -49,13 +50,10 @@ def test_throughput_callback_logs_samples_and_flops(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             logged.update(trainer.callback_metrics)
 
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
         max_steps=6,
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
         callbacks=[Throughput(window_size=2), Grab()],
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
@@ -65,20 +63,12 @@ def test_throughput_callback_logs_samples_and_flops(tmp_path):
 
 
 def test_gradient_accumulation_updates_ema_once_per_optimizer_step():
-    import lightning as L
 
     data = [(torch.randn(4, 3, 16, 16).clamp(-1, 1), torch.randint(0, 10, (4,))) for _ in range(6)]
     module = FinetuneModule(preset="EPG-Nano/4", sample_every_n_val=0, warmup_steps=1, ema_rates=(0.5,))
     ema_updates = []
     original = module.on_applied_update
     module.on_applied_update = lambda: (ema_updates.append(module.updates), original())[1]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        accumulate_grad_batches=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-    )
+    trainer = cpu_trainer(max_epochs=1, accumulate_grad_batches=3)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     assert module.updates == 2 and ema_updates == [1, 2] and trainer.global_step == 2
