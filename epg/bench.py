@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from epg.nn.flops import train_flops_per_image
+from epg.nn.flops import dense_peak_tflops, train_flops_per_image
 from epg.nn.presets import get_config
-
-H200_BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak measured on the H200 (issue 7); pass --peak-tflops to change
 
 
 def _device() -> str:
@@ -244,9 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--autocast", choices=("bf16", "fp16"), default=None)
     s.add_argument("--compile", action="store_true")
-    peak = H200_BF16_PEAK_TFLOPS if torch.cuda.is_available() else None
+    peak = dense_peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     for p in (t, s):
-        p.add_argument("--peak-tflops", type=float, default=peak, help="dense peak for MFU (default: H200 bf16)")
+        p.add_argument(
+            "--peak-tflops",
+            type=float,
+            default=peak,
+            help="dense peak for MFU (default: this GPU's bf16 peak, epg.nn.flops)",
+        )
         p.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args(argv)
     try:

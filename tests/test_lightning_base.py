@@ -1,5 +1,6 @@
 """Shared LightningModule glue: optimizer groups, the compile flag, FSDP hooks (METHOD.md §4, §11)."""
 
+import pytest
 import torch
 
 from epg.lightning.base import param_groups
@@ -72,3 +73,38 @@ def test_gradient_accumulation_updates_ema_once_per_optimizer_step():
     trainer = cpu_trainer(max_epochs=1, accumulate_grad_batches=3)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     assert module.updates == 2 and ema_updates == [1, 2] and trainer.global_step == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "peak"),
+    [
+        ("NVIDIA H200", "bf16-mixed", 790e12),  # Lightning: "FLOPs not found" -> no MFU
+        ("NVIDIA H200", "16-mixed", 790e12),
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4e12),
+        ("NVIDIA H100 PCIe", "16-mixed", 756e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312e12),
+        ("NVIDIA H200", "32-true", None),  # no dense fp32 peak of ours: Lightning's lookup (none for this name)
+    ],
+)
+def test_throughput_mfu_peak_for_device_names(monkeypatch, name, precision, peak):
+    """The Throughput callback's MFU denominator on CUDA devices named as torch reports them (forced on CPU)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins import MixedPrecision, Precision
+
+    from epg.lightning.callbacks import Throughput
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    plugin = MixedPrecision(precision, "cuda") if "mixed" in precision else Precision()
+    plugin.precision = precision
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)),
+        precision_plugin=plugin,
+        enable_validation=False,
+        world_size=8,
+        state=SimpleNamespace(stage="train"),
+    )
+    callback = Throughput()
+    callback.setup(trainer, None, "fit")
+    assert callback.available_flops == peak
+    assert [t.available_flops for t in callback._throughputs.values()] == [peak]

@@ -17,6 +17,7 @@ from epg.nn.flops import train_flops_per_image
 
 # The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
 DEFAULT_MAX_SKIPS = 100  # skipped fp16 steps in a row before a stop (the scale has then halved 100 times)
+OPTIMIZER_IMPLS = ("fused", "foreach")  # AdamW implementations (EPGModule.make_adamw)
 PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "backoff_factor": 0.5, "growth_interval": 1}
 
 
@@ -61,6 +62,8 @@ class EPGModule(L.LightningModule):
         self.skipped_updates = 0
         self._skips_in_a_row = 0
         self._loss_watch = NonFiniteWatch()
+        self._grads_unscaled = False  # set once this step's gradients are unscaled (see unscale_gradients)
+        self.clipped_updates = 0  # optimizer steps whose gradients went through the clip (this process)
 
     # ---- hooks for subclasses ----
     def on_applied_update(self) -> None:
@@ -129,19 +132,79 @@ class EPGModule(L.LightningModule):
                     fully_shard(module, mesh=mesh)
             fully_shard(net, mesh=mesh)
 
+    def reshard_networks(self) -> None:
+        """Put every FSDP2-sharded network back into its sharded state (a no-op without FSDP2).
+
+        FSDP2 leaves a root module's parameters unsharded after a forward pass, expecting the backward to reshard
+        them; a no-grad pass (validation, sample grids, k-NN features) has no backward, so the online and EMA/target
+        copies would hold plain tensors while the others hold DTensor shards, and the next EMA update fails.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        for net in self.sharded_networks():
+            for module in net.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    def on_validation_end(self) -> None:
+        self.reshard_networks()
+
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> dict:
         """A per-step LambdaLR that reads the applied-update count, so a skipped step keeps its LR."""
         fn: Callable[[int], float] = lambda _: self.lr_multiplier(self.updates)  # noqa: E731
         return {"scheduler": LambdaLR(optimizer, fn), "interval": "step", "frequency": 1, "name": "lr"}
 
     def make_adamw(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8):
-        """AdamW, fused on CUDA (foreach elsewhere)."""
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+        """AdamW as ``optimizer_impl`` says: "fused" (default) or "foreach", on every device and precision.
+
+        Fused was chosen on measurement (benchmarks/optimizer_step.py: faster per step on CPU, see
+        benchmarks/results/optimizer_step_cpu.json; the GPU numbers come from benchmarks/gpu_check.sh). Gradient
+        clipping and the logged grad norm work with both (:meth:`configure_gradient_clipping`).
+        """
+        impl = self.hparams.get("optimizer_impl", "fused")
+        if impl not in OPTIMIZER_IMPLS:
+            raise ValueError(f"optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
+        fused = impl == "fused"
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=not fused)
+
+    # ---- gradient clipping (any optimizer, any precision) ----
+    def grad_clip_value(self) -> float | None:
+        """Global-norm clip for the coming update, or None (subclasses: e.g. only after warm-up, METHOD.md §4)."""
+        return None
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``p.grad`` hold the true (unscaled) gradients of this step, once; a no-op without a grad scaler.
+
+        Under "16-mixed" Lightning unscales a foreach optimizer's gradients itself before the hooks run, but leaves a
+        fused one's scaled (it unscales inside its step). Here the scaler unscales them instead; its ``step`` then
+        hands the fused kernel no scale, only the inf flag, so a step with inf/NaN gradients is still skipped.
+        """
+        scaler = self._grad_scaler()
+        if scaler is None or self._grads_unscaled:
+            return
+        raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
+        if getattr(raw, "_step_supports_amp_scaling", False):
+            scaler.unscale_(raw)
+        self._grads_unscaled = True
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the unscaled gradients by global norm when :meth:`grad_clip_value` says so.
+
+        Done here rather than by Lightning's precision plugin, which refuses to clip for an optimizer that unscales
+        internally (fused AdamW) under mixed precision. The Trainer's ``gradient_clip_val`` is not used.
+        """
+        clip = self.grad_clip_value()
+        if not clip:
+            return
+        self.unscale_gradients(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        self.clipped_updates += 1
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         before = scaler.get_scale() if scaler is not None else None
+        self._grads_unscaled = False
         optimizer.step(closure=optimizer_closure)
         if scaler is not None and scaler.get_scale() < before:
             self.skipped_updates += 1
@@ -167,7 +230,9 @@ class EPGModule(L.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log ``train/grad_norm``: the global norm of the unscaled gradients before clipping (what the clip sees)."""
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.unscale_gradients(optimizer)
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
                 norm = torch.nn.utils.get_total_norm(grads, foreach=True)

@@ -77,6 +77,7 @@ class FinetuneModule(EPGModule):
             labels; sample_sampler/sample_steps/sample_guidance go to ``epg.sampling.sample`` (None: the objective's
             default sampler, "heun" 32 steps for the DM and "consistency" 1 step for the CM).
         compile: ``torch.compile`` the online network (and the CM target) in place (state-dict keys unchanged).
+        optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class FinetuneModule(EPGModule):
         sample_steps: int | None = None,
         sample_guidance: float | None = None,
         compile: bool = False,
+        optimizer_impl: Literal["fused", "foreach"] = "fused",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -215,10 +217,9 @@ class FinetuneModule(EPGModule):
             return warmup_cosine(updates, hp.warmup_steps, hp.total_steps)
         return warmup_steps_schedule(updates, hp.warmup_steps, hp.lr_milestones, hp.lr_factors)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by global norm only once warm-up is over (METHOD.md §4); the Trainer's clip settings are unused."""
-        if self.grad_clip and self.updates >= self.hparams.warmup_steps:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+    def grad_clip_value(self) -> float | None:
+        """Clip by global norm only once warm-up is over (METHOD.md §4)."""
+        return self.grad_clip if self.grad_clip and self.updates >= self.hparams.warmup_steps else None
 
     def on_applied_update(self) -> None:
         for ema, rate in zip(self.ema_nets, self.hparams.ema_rates, strict=True):

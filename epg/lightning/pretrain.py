@@ -52,6 +52,7 @@ class PretrainModule(EPGModule):
             more than this many steps in a row (a loss that stays NaN/inf); 0 disables the limit.
         export_path: where to write the stage-1 hand-over file at the end of ``fit`` (None: don't).
         compile: ``torch.compile`` the online and target networks in place (state-dict keys unchanged).
+        optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class PretrainModule(EPGModule):
         max_consecutive_skips: int = 100,
         export_path: str | None = None,
         compile: bool = False,
+        optimizer_impl: Literal["fused", "foreach"] = "fused",
     ) -> None:
         super().__init__()
         if tau_schedule not in TAU_SCHEDULES:

@@ -65,3 +65,23 @@ def train_flops_per_image(stage: str, preset: str | EPGConfig, **overrides) -> f
     if stage == "pretrain":
         return 2 * 12 * encoder_macs(preset, **overrides)
     raise ValueError(f"unknown stage {stage!r}: choose 'pretrain' or 'finetune'")
+
+
+# Dense (not 2:4-sparse) bf16/fp16 tensor-core peaks in TFLOP/s, by device-name substring, first match wins. The
+# H200's is the bf16 matrix rate the project measures against (benchmarks/gpu_check.sh, `epg bench`); the others are
+# the datasheet dense numbers. Lightning's own table knows the H200 only as "h200 sxm1"/"h200 nvl1", with sparse
+# peaks, and no device named plainly "NVIDIA H200".
+DENSE_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h200", 790.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.4),
+    ("a100", 312.0),
+)
+
+
+def dense_peak_tflops(device_name: str, half_precision: bool = True) -> float | None:
+    """Dense bf16/fp16 peak of a GPU named ``device_name`` (e.g. "NVIDIA H200"), None when unknown or not half."""
+    if not half_precision:
+        return None
+    name = device_name.lower()
+    return next((peak for key, peak in DENSE_PEAK_TFLOPS if key in name), None)
