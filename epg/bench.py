@@ -41,16 +41,17 @@ class _SyntheticBatches(torch.utils.data.IterableDataset):
             yield self.batch
 
 
-def _make_module(stage: str, preset: str, overrides: dict, compile_network: bool):
+def _make_module(stage: str, preset: str, overrides: dict, compile_network: bool, warmup_steps: int):
+    """The real module with its paper settings; its LR warm-up ends with the benchmark's untimed steps."""
     if stage == "finetune":
         from epg.lightning.finetune import FinetuneModule
 
         return FinetuneModule(
-            preset=preset, network=overrides, warmup_steps=0, sample_every_n_val=0, compile=compile_network
+            preset=preset, network=overrides, warmup_steps=warmup_steps, sample_every_n_val=0, compile=compile_network
         )
     from epg.lightning.pretrain import PretrainModule
 
-    return PretrainModule(preset=preset, network=overrides, warmup_steps=0, compile=compile_network)
+    return PretrainModule(preset=preset, network=overrides, warmup_steps=warmup_steps, compile=compile_network)
 
 
 def bench_train(
@@ -65,13 +66,17 @@ def bench_train(
     peak_tflops: float | None = None,
     check_syncs: bool = False,
 ) -> dict:
-    """Time ``steps`` training steps (after ``warmup``) of the real module in a Lightning Trainer on one device."""
+    """Time ``steps`` training steps (after ``warmup``) of the real module in a Lightning Trainer on one device.
+
+    The ``warmup`` untimed steps are also the module's LR warm-up, so the timed steps are what 99% of a real run is:
+    past warm-up, with the DM's gradient clipping on (``clipped_timed_steps`` in the result says how many clipped).
+    """
     import lightning as L
 
     device = _device()
     overrides = {"grad_checkpointing": True} if grad_checkpointing else {}
     cfg = get_config(preset, **overrides)
-    module = _make_module(stage, preset, overrides, compile_network)
+    module = _make_module(stage, preset, overrides, compile_network, warmup_steps=warmup)
     size = (batch, 3, cfg.image_size, cfg.image_size)
     gen = torch.Generator().manual_seed(0)
     images = [torch.randn(size, generator=gen).clamp(-1, 1) for _ in range(3 if stage == "pretrain" else 1)]
@@ -81,6 +86,7 @@ def bench_train(
         data = tuple(t.cuda() for t in data)
     loader = torch.utils.data.DataLoader(_SyntheticBatches(data), batch_size=None)
     times: list[float] = []
+    clipped: list[int] = []  # the module's clipped-update count at the start and end of the timed window
     sync_warnings: list[str] = []
 
     class Timer(L.Callback):
@@ -92,6 +98,7 @@ def bench_train(
                     if check_syncs:
                         torch.cuda.set_sync_debug_mode("warn")
                 times.append(time.perf_counter())
+                clipped.append(pl_module.clipped_updates)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == warmup + steps - 1:
@@ -99,6 +106,7 @@ def bench_train(
                     torch.cuda.set_sync_debug_mode("default")
                 _sync(device)
                 times.append(time.perf_counter())
+                clipped.append(pl_module.clipped_updates)
 
     trainer = L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
@@ -135,6 +143,8 @@ def bench_train(
         "images_per_s": round(img_s, 2),
         "train_gflops_per_image": round(flops / 1e9, 2),
         "tflops": round(tflops, 3),
+        "lr_warmup_steps": warmup,
+        "clipped_timed_steps": clipped[1] - clipped[0],
     }
     if peak_tflops:
         result["mfu"] = round(tflops / peak_tflops, 4)

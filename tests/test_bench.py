@@ -39,6 +39,13 @@ def test_gpu_check_cpu_path_writes_json(tmp_path):
     assert summary["mode"].startswith("cpu-smoke") and summary["all_ran"]
     names = {r["name"]: r["result"] for r in summary["runs"]}
     assert names["dm_smoke"]["images_per_s"] > 0 and names["pretrain_smoke"]["tflops"] >= 0
+    # Timed past the LR warm-up: every timed DM step clips (stage 1 never does).
+    assert names["dm_smoke"]["clipped_timed_steps"] == names["dm_smoke"]["steps"]
+    assert names["pretrain_smoke"]["clipped_timed_steps"] == 0
+    lifecycle = names["lifecycle_smoke"]  # the XL/16 config's two fits at tiny width, boundaries checked
+    assert lifecycle["ok"] and lifecycle["crossed"]["clipped_updates"] > 0 and lifecycle["crossed"]["updates"] > 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "demo_smoke_samples_diffusion.png", "demo_smoke_summary_diffusion.json", "gpu_check.json"]  # fmt: skip
     assert names["sample_smoke"]["nfe"] >= 6  # 4 levels: 3 Heun steps of 2 calls, plus CFG calls
     demo = names["demo_smoke"]  # the GPU demo configs, 1 step per stage on the CPU
     assert demo["pretrain_steps"] == demo["finetune_steps"] == 1 and 0.0 <= demo["class_accuracy"] <= 1.0
