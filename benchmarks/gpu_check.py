@@ -68,6 +68,9 @@ LIFECYCLE_GPU = [
     ("lifecycle_rcm_b16", "pretrain/rcm_b16_in256.yaml --device cuda --batch 16", "bf16, DDP + SyncBatchNorm"),
     ("lifecycle_g16_fsdp", "finetune/epg_g16_dm_in256.yaml --device cuda --batch 8", "bf16, FSDP2, grad ckpt"),
 ]
+# (name, benchmarks/optimizer_step.py argv, target): fused vs foreach AdamW, one clipped update (the default's basis).
+OPTIMIZER_GPU = [("optimizer_xl16", "--preset EPG-XL/16 --steps 20", "fused faster than foreach (speedup > 1)")]
+OPTIMIZER_CPU = [("optimizer_smoke", "--preset EPG-Nano/4 --steps 2", "")]
 LIFECYCLE_CPU = [("lifecycle_smoke", "finetune/epg_xl16_dm_in256.yaml --device cpu --batch 8", "tiny widths")]
 CPU_RUNS = [
     ("dm_smoke", "train --stage finetune --preset EPG-Nano/4 --batch 4 --steps 2 --warmup 1 --precision 32", "", None),
@@ -140,6 +143,21 @@ def run_one(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     return record
 
 
+def run_optimizer(name: str, args: str, out_dir: Path, timeout: int) -> dict:
+    """benchmarks/optimizer_step.py ARGS: fused vs foreach AdamW update times."""
+    path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"{name}.json"
+    cmd = [sys.executable, "benchmarks/optimizer_step.py", *args.split(), "--out", str(path)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    record = {"name": name, "command": "python benchmarks/optimizer_step.py " + args}
+    record["wall_s"] = round(time.time() - start, 1)
+    if proc.returncode != 0:
+        record["error"] = proc.stderr[-2000:]
+        return record
+    record["result"] = json.loads(path.read_text())
+    return record
+
+
 def run_lifecycle(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     """`python -m tests._lifecycle ARGS`: two `epg fit` runs of a config (the second resumes), boundaries checked."""
     path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"{name}.json"
@@ -181,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     if not args.skip_bench:
         runs += [(run_one, args.timeout, *run) for run in (GPU_RUNS if gpu else CPU_RUNS)]
+        check = lambda r: r["fused_speedup"] > 1  # noqa: E731
+        runs += [(run_optimizer, args.timeout, *run, check) for run in (OPTIMIZER_GPU if gpu else OPTIMIZER_CPU)]
     if not args.skip_demo:
         demo_dir = Path(tempfile.mkdtemp(prefix="epg_gpu_check_demo_"))
         demo = functools.partial(run_demo, demo_dir=demo_dir)
@@ -190,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record = runner(name, run_args, out_dir, timeout)
         except subprocess.TimeoutExpired:
-            tool = {run_one: "epg bench ", run_lifecycle: "python -m tests._lifecycle "}.get(runner, "epg demo ")
+            tools = {run_one: "epg bench ", run_lifecycle: "python -m tests._lifecycle "}
+            tool = tools.get(runner, "python benchmarks/optimizer_step.py " if runner is run_optimizer else "epg demo ")
             record = {"name": name, "command": tool + run_args, "error": f"timeout after {timeout}s"}
         record["target"] = target
         result = record.get("result")
