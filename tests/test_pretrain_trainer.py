@@ -1,5 +1,7 @@
 """PretrainModule under a real Lightning Trainer on CPU: exact resume, skipped fp16 steps, validation k-NN."""
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +10,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from epg.lightning.base import PAPER_SCALER
 from epg.lightning.faults import NonFiniteLossError
 from epg.lightning.pretrain import PretrainModule
+from epg.method.curriculum import pair_sigmas
+from epg.method.noise import c_in, c_noise
 from tests._pretrain_utils import TinyStage1Data
 from tests._trainers import cpu_trainer
 
@@ -60,6 +64,27 @@ def test_resume_restores_step_target_and_curriculum(tmp_path):
     for name, value in straight.state_dict().items():  # online, target (and BN statistics)
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(straight.target.encoder.pos_embed, straight.online.encoder.pos_embed)
+
+
+def test_one_step_updates_projector_bn_like_the_four_official_passes():
+    """The projector BN statistics after one step equal four train-mode passes u1, u2, x_a, x_b (METHOD.md §3.8)."""
+    torch.manual_seed(0)
+    module = PretrainModule(**SMALL)
+    reference = copy.deepcopy(module.online).train()
+    x0, v1, v2, _ = next(iter(_loader()))
+    n = module.num_scales_at(0)
+    sigma_a, sigma_b, sigma_0 = pair_sigmas(module.draw_pair_index(0, n), n, module.shift)
+    eps = module.noise_like(x0, 0)  # the noise of the first batch
+    passes = [(v1, sigma_0), (v2, sigma_0), (x0, sigma_a), (x0, sigma_b)]  # the official order of online passes
+    with torch.no_grad():
+        for x, sigma in passes:
+            s = torch.full((x.shape[0],), sigma)
+            reference(c_in(s).view(-1, 1, 1, 1) * (x + sigma * eps), c_noise(s))
+    _trainer(1).fit(module, _loader())
+    buffers = dict(module.online.projection_head.named_buffers())
+    for name, expected in reference.projection_head.named_buffers():
+        torch.testing.assert_close(buffers[name], expected, msg=name)
+    assert int(buffers["1.num_batches_tracked"]) == 4
 
 
 class SkipAt(PretrainModule):

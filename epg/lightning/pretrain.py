@@ -173,14 +173,19 @@ class PretrainModule(EPGModule):
         u1, u2 = v1 + sigma_0 * eps, v2 + sigma_0 * eps
         x_a, x_b = x0 + sigma_a * eps, x0 + sigma_b * eps
         # One encoder pass for the three online inputs with gradient (the encoder has no batch statistics); the
-        # projector sees each view separately, so its BN statistics are per view as in separate passes. x_a skips
-        # the projector: only its h is used, and the BN running statistics then describe near-clean inputs.
+        # projector sees each input separately, so its BN statistics are per input as in separate passes.
         h1, h2, h_a = self._represent(
             self.online, torch.cat([u1, u2, x_a]), torch.cat([sig(sigma_0, 2 * b), sig(sigma_a, b)])
         ).split(b)
-        z1, z2 = self.online.projection_head(h1), self.online.projection_head(h2)
+        projector = self.online.projection_head
+        z1, z2 = projector(h1), projector(h2)
         with torch.no_grad():
             h_b = self._represent(self.online, x_b, sig(sigma_b, b))  # key: online network, stop-gradient (§10.4)
+            # The official online pass always ends in the projector, so x_a and x_b update its BN running
+            # statistics too (u1, u2, x_a, x_b: METHOD.md §3.8 step 4); the frozen auxiliary network of the CM uses
+            # them (§5.4). Their z is unused, so these passes need no gradient and no output layer.
+            projector.track_statistics(h_a)
+            projector.track_statistics(h_b)
             t1, t2 = self._represent(self.target, torch.cat([u1, u2]), sig(sigma_0, 2 * b)).split(b)
             k1, k2 = self.target.projection_head(t1), self.target.projection_head(t2)
         tau_c = self.hparams.tau_contrastive

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from epg.nn.layers import xavier_init_linears
@@ -25,3 +26,14 @@ class Projector(nn.Sequential):
             nn.Linear(hidden_dim, out_dim, bias=False),
         )
         xavier_init_linears(self)
+
+    @torch.no_grad()
+    def track_statistics(self, h: torch.Tensor) -> None:
+        """Update the BN running statistics as a train-mode pass on ``h`` would; no output layer, no gradient.
+
+        For inputs whose projection is not used but whose pass the official step makes (METHOD.md §3.8 step 4).
+        """
+        if not self.training:
+            return
+        for layer in list(self)[:-1]:  # the output Linear does not feed a BN
+            h = layer(h)
