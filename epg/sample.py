@@ -21,8 +21,10 @@ from epg.sampling import SAMPLERS, Guidance, default_steps, sample
 from epg.sampling.files import png_name, write_adm_npz, write_png
 from epg.sampling.grid import GUIDANCE_INTERVAL
 from epg.sampling.per_image import LABEL_MODES, class_labels, image_noise, loop_generators
+from epg.sampling.stochastic import STOCHASTIC_VARIANTS
 
 CONFIG_NAME = "sample_config.json"
+STOCHASTIC_ARGS = ("s_churn", "s_min", "s_max", "s_noise", "stochastic_variant")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -39,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="grid levels (default: heun 32, euler 50, stochastic 32, consistency 1)")
     p.add_argument("--append-zero", action="store_true", help="EDM form: append σ = 0, final Euler step (75 NFE)")
     p.add_argument("--s-churn", type=float, help="stochastic sampler: S_churn (default 40)")
-    p.add_argument("--s-min", type=float, help="stochastic sampler: S_min, unshifted (default 0.05)")
-    p.add_argument("--s-max", type=float, help="stochastic sampler: S_max, unshifted (default 50)")
+    p.add_argument("--s-min", type=float, help="stochastic sampler: S_min of the churn window (default 0.05)")
+    p.add_argument("--s-max", type=float, help="stochastic sampler: S_max of the churn window (default 50)")
     p.add_argument("--s-noise", type=float, help="stochastic sampler: S_noise (default 1.003)")
+    p.add_argument(
+        "--stochastic-variant",
+        choices=STOCHASTIC_VARIANTS,
+        help="stochastic sampler: official (default; window compared with the shifted σ', last step Euler, §6.1) or "
+        "edm (window shifted too, every step corrected)",
+    )
     p.add_argument("--sigma-mid", help="consistency sampler: comma-separated σ_mid values, unshifted (2 steps: 0.821)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale w (1 = none; 2.5 for EPG-XL/16 at 256)")
     p.add_argument("--autoguidance", type=float, help="autoguidance scale w in D_c + w·(D_c − D_poor); needs --poor")
@@ -75,7 +83,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("epg sample: choose one of --cfg and --autoguidance")
     if (args.autoguidance is None) != (args.poor is None):
         raise SystemExit("epg sample: --autoguidance W and --poor CKPT go together")
-    stochastic = [f for f in ("s_churn", "s_min", "s_max", "s_noise") if getattr(args, f) is not None]
+    stochastic = [f for f in STOCHASTIC_ARGS if getattr(args, f) is not None]
     if stochastic and args.sampler != "stochastic":
         raise SystemExit(f"epg sample: --{stochastic[0].replace('_', '-')} is an option of --sampler stochastic")
     if args.sigma_mid and args.sampler != "consistency":
@@ -85,7 +93,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _sampler_options(args: argparse.Namespace) -> dict:
-    options = {f: getattr(args, f) for f in ("s_churn", "s_min", "s_max", "s_noise") if getattr(args, f) is not None}
+    options = {f: getattr(args, f) for f in STOCHASTIC_ARGS if getattr(args, f) is not None}
+    if "stochastic_variant" in options:
+        options["variant"] = options.pop("stochastic_variant")
     if args.append_zero:
         options["append_zero"] = True
     if args.sigma_mid:
@@ -118,6 +128,8 @@ def _identity(args: argparse.Namespace, num_classes: int | None) -> dict:
     keys = "ema preset parameterization sampler steps cfg autoguidance poor interval no_clamp labels seed autocast"
     keys += " append_zero s_churn s_min s_max s_noise sigma_mid"
     identity = {k: getattr(args, k) for k in keys.split()}
+    if args.sampler == "stochastic":  # the default variant changed from edm to official: older folders differ
+        identity["stochastic_variant"] = args.stochastic_variant or "official"
     identity.update(checkpoint=os.path.abspath(args.checkpoint), num_classes=num_classes)
     if identity["poor"]:
         identity["poor"] = os.path.abspath(identity["poor"])

@@ -94,6 +94,17 @@ def test_images_depend_only_on_seed_and_index(nano: dict[str, Path], tmp_path: P
     assert not _close(a["arr_0"], np.load(tmp_path / "c.npz")["arr_0"])
 
 
+def test_stochastic_variant_reaches_the_sampler_and_the_folder_identity(nano: dict[str, Path], tmp_path: Path) -> None:
+    args = ("--sampler", "stochastic", "--no-progress", "--no-npz")
+    _run(nano["x0"], tmp_path / "official", *args)
+    _run(nano["x0"], tmp_path / "edm", *args, "--stochastic-variant", "edm")
+    # 3 steps at 16 px: σ' = 20 is churned by the official window [0.05, 50] only (the shifted one is [0.0125, 12.5])
+    png = "000000.png"
+    assert (tmp_path / "official" / png).read_bytes() != (tmp_path / "edm" / png).read_bytes()
+    with pytest.raises(SystemExit, match="stochastic_variant"):
+        _run(nano["x0"], tmp_path / "official", *args, "--stochastic-variant", "edm")
+
+
 def test_argument_errors_say_what_to_do(nano: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--poor"):
         _run(nano["x0"], tmp_path / "x", "--autoguidance", "1.0")
