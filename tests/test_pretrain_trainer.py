@@ -3,10 +3,15 @@
 import copy
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
+from PIL import Image
 
+from epg.data.adm_crop import encode_image
+from epg.data.datamodule import EPGDataModule
+from epg.data.shards import shard_name, write_metadata, write_shard
 from epg.lightning.base import PAPER_SCALER
 from epg.lightning.faults import NonFiniteLossError
 from epg.lightning.pretrain import PretrainModule
@@ -142,16 +147,35 @@ def test_a_loss_that_stays_nan_under_fp16_stops_after_the_skip_limit():
     assert module.updates == 1 and module.skipped_updates == 4
 
 
-def test_validate_logs_knn_accuracy():
-    class ValData(torch.utils.data.Dataset):
-        def __len__(self):
-            return 12
+def _write_split(folder, split: str, shards: list[list[tuple[np.ndarray, int]]]) -> str:
+    folder.mkdir(parents=True)
+    names = [shard_name(split, i) for i in range(len(shards))]
+    for i, (name, images) in enumerate(zip(names, shards, strict=True)):
+        write_shard(
+            folder / name,
+            [(f"s{i}_{j}", "png", encode_image(Image.fromarray(a), "png"), y) for j, (a, y) in enumerate(images)],
+        )
+    counts = np.bincount([y for images in shards for _, y in images], minlength=2).tolist()
+    write_metadata(folder, split, ["0", "1"], {}, names, counts, 16, "png")
+    return str(folder)
 
-        def __getitem__(self, i):
-            x = torch.full((3, 16, 16), float(i % 2)) + 0.01 * i
-            return x, i % 2
 
-    module = PretrainModule(preset="EPG-Nano/4", knn_k=3)
-    trainer = _trainer(1, limit_val_batches=None)
-    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(ValData(), batch_size=5), verbose=False)
-    assert 0.0 <= metrics["val/knn_acc"] <= 1.0
+def test_validate_logs_knn_accuracy_of_val_queries_against_training_images(tmp_path):
+    """val/knn_acc: every val image is a query, the bank holds training images (here copies of the val images)."""
+    rng = np.random.default_rng(0)
+    image = lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # noqa: E731
+    a, b = image(), image()
+    # Three shards of four; each holds a copy of both val images among noise images of the same classes.
+    train = _write_split(tmp_path / "train", "train", [[(a, 0), (b, 1), (image(), 0), (image(), 1)] for _ in range(3)])
+    val = _write_split(tmp_path / "val", "val", [[(a, 0), (b, 1)]])
+    data = EPGDataModule(
+        train_shards=train, val_shards=val, stage="pretrain", image_size=16, global_batch_size=4, num_workers=0,
+        num_classes=2, hflip=False,
+    )  # fmt: skip
+    module = PretrainModule(preset="EPG-Nano/4", knn_k=1)
+    (metrics,) = _trainer(1, limit_val_batches=None).validate(module, datamodule=data, verbose=False)
+    # Each query finds its own copy in the bank; halves of the val split (the former bank) would score 0.
+    assert metrics["val/knn_acc"] == 1.0
+    with pytest.warns(UserWarning, match="no val/knn_acc"):  # a bare val loader: no training images, no metric
+        (metrics,) = _trainer(1, limit_val_batches=None).validate(module, data.val_dataloader(), verbose=False)
+    assert "val/knn_acc" not in metrics
