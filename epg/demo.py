@@ -203,8 +203,9 @@ def _eval_device(opts: argparse.Namespace) -> str:
 def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, opts: argparse.Namespace) -> dict:
     """k-NN accuracy (val digits against a bank of train digits) of the stage-1 encoder and a random-init one.
 
-    The random-init encoder is the config's preset built after seeding with its ``seed_everything``; both use the
-    k-NN settings of the stage-1 run (``val/knn_acc``, :mod:`epg.lightning.knn`).
+    The random-init encoder is the config's preset built after seeding with its ``seed_everything`` (the weights
+    stage 1 starts from); both use the k-NN settings of the stage-1 run (``val/knn_acc``, :mod:`epg.lightning.knn`).
+    The result is kept in ``knn.json`` beside the checkpoints folder for a rerun on the same checkpoint step.
     """
     import torch
 
@@ -212,8 +213,11 @@ def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, opts: argparse.Namespace) 
     from epg.lightning.knn import eval_loader, knn_accuracies
     from epg.nn.network import build_representation
 
+    step, hp = checkpoint_state(ckpt)
+    cache = ckpt.parent.parent / "knn.json"
+    if cache.is_file() and json.loads(cache.read_text()).get("step") == step:
+        return json.loads(cache.read_text())
     torch.set_num_threads(opts.threads)
-    hp = checkpoint_state(ckpt)[1]
     torch.manual_seed(int(cfg.get("seed_everything") or 0))
     encoders = {
         "random_init": build_representation(hp["preset"], **(hp.get("network") or {})).encoder,
@@ -228,7 +232,9 @@ def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, opts: argparse.Namespace) 
     acc = knn_accuracies(
         encoders, bank, val, k=k, temperature=hp.get("knn_temperature", 0.07), device=_eval_device(opts)
     )
-    return {**acc, "gain": acc["stage1"] - acc["random_init"], "k": k}
+    result = {**acc, "gain": acc["stage1"] - acc["random_init"], "k": k, "step": step}
+    cache.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cfg: dict, start: float) -> dict:

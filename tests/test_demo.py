@@ -96,6 +96,7 @@ def test_demo_cpu_tiny(tmp_path: Path) -> None:
     assert main(["--out", str(out), *tiny]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["timings_s"]["stage 1: pre-training"] < summary["timings_s"]["stage 1: pre-training"]
+    assert again["stage1_knn"] == summary["stage1_knn"]  # kept in pretrain/knn.json for the same checkpoint
 
 
 @pytest.mark.slow

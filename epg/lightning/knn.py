@@ -136,7 +136,7 @@ def eval_loader(
     num_samples = None
     if subset is not None:
         info = read_dataset_info(urls)
-        if info is not None:
+        if info is not None and len(info.get("shards", [])) == len(urls):  # the dataset.json describes these shards
             num_samples = int(info["num_samples"])
         elif not any(is_remote(u) for u in urls):
             num_samples = count_samples(urls)
