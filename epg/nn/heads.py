@@ -29,10 +29,9 @@ class Projector(nn.Sequential):
 
     @torch.no_grad()
     def track_statistics(self, h: torch.Tensor) -> None:
-        """Update the BN running statistics as a train-mode pass on ``h`` would; no output layer, no gradient.
-
-        For inputs whose projection is not used but whose pass the official step makes (METHOD.md §3.8 step 4).
-        """
+        """Update the BN running statistics as a train-mode pass on ``h`` would (nothing in eval mode), skipping the
+        output layer and the gradient: for inputs whose projection is unused but pass the projector in the official
+        step (METHOD.md §3.8 step 4)."""
         if not self.training:
             return
         for layer in list(self)[:-1]:  # the output Linear does not feed a BN
