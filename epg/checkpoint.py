@@ -102,6 +102,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_hyper_parameters(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(module, datamodule) hyper-parameters of a checkpoint without reading its weights; ({}, {}) when it has none.
+
+    A file is memory-mapped, so only the small dicts are read; a sharded folder keeps them in its ``meta.pt``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "meta.pt"
+    if not path.is_file():
+        return {}, {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        return {}, {}
+    return dict(ckpt.get("hyper_parameters") or {}), dict(ckpt.get("datamodule_hyper_parameters") or {})
+
+
 def load_denoiser(
     path: str | os.PathLike, ema: int | None = 0, preset: str | None = None, parameterization: str | None = None
 ) -> LoadedModel:

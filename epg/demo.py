@@ -1,12 +1,13 @@
 """`epg demo`: the whole pipeline on the embedded MNIST digits: data, stage 1, stage 2, grid, FID, class accuracy.
 
 Steps (each printed with its elapsed time): prepare the shards (OUT/data), ensure the FID Inception weights, stage-1
-pre-training (METHOD.md §3) with ``configs/demo/pretrain.yaml``, stage-2 fine-tuning from the stage-1 checkpoint as a
-diffusion model (§4, ``finetune_dm.yaml``) or a consistency model (§5, ``finetune_cm.yaml``), then with the first EMA
-copy: a 10x10 grid (row c = class c, fixed seed), N class-balanced samples scored by FID against the val split (cached
-reference statistics) and by the class accuracy of a small digit classifier (:mod:`epg.eval.digits`), and a JSON
-summary (OUT/summary.json). ``--device gpu`` uses ``configs/demo/gpu/*.yaml`` (the CPU recipe trained longer; with
-``--accelerator cpu`` the same steps run on a CPU).
+pre-training (METHOD.md §3) with ``configs/demo/pretrain.yaml``, the k-NN accuracy of its encoder and of a random-init
+one of the same preset (val digits classified by their neighbours among the train digits, as ``val/knn_acc``),
+stage-2 fine-tuning from the stage-1 checkpoint as a diffusion model (§4, ``finetune_dm.yaml``) or a consistency
+model (§5, ``finetune_cm.yaml``), then with the first EMA copy: a 10x10 grid (row c = class c, fixed seed), N
+class-balanced samples scored by FID against the val split (cached reference statistics) and by the class accuracy
+of a small digit classifier (:mod:`epg.eval.digits`), and a JSON summary (OUT/summary.json). ``--device gpu`` uses
+``configs/demo/gpu/*.yaml`` (the CPU recipe trained longer; with ``--accelerator cpu`` the same steps run on a CPU).
 
 The Lightning fits run as subprocesses of `epg fit` (own thread settings; a finished stage is skipped and an
 interrupted one resumes from its last checkpoint). Measured results of the demo configurations (2 shared CPU cores)
@@ -193,6 +194,49 @@ def reference_images(val_dir: Path, count: int, size: int):
     return images, labels
 
 
+def _eval_device(opts: argparse.Namespace) -> str:
+    import torch
+
+    return "cuda" if opts.device == "gpu" and opts.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, opts: argparse.Namespace) -> dict:
+    """k-NN accuracy (val digits against a bank of train digits) of the stage-1 encoder and a random-init one.
+
+    The random-init encoder is the config's preset built after seeding with its ``seed_everything`` (the weights
+    stage 1 starts from); both use the k-NN settings of the stage-1 run (``val/knn_acc``, :mod:`epg.lightning.knn`).
+    The result is kept in ``knn.json`` beside the checkpoints folder for a rerun on the same checkpoint step.
+    """
+    import torch
+
+    from epg.checkpoint import load_stage1_representation
+    from epg.lightning.knn import eval_loader, knn_accuracies
+    from epg.nn.network import build_representation
+
+    step, hp = checkpoint_state(ckpt)
+    cache = ckpt.parent.parent / "knn.json"
+    if cache.is_file() and json.loads(cache.read_text()).get("step") == step:
+        return json.loads(cache.read_text())
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(int(cfg.get("seed_everything") or 0))
+    encoders = {
+        "random_init": build_representation(hp["preset"], **(hp.get("network") or {})).encoder,
+        "stage1": load_stage1_representation(ckpt).encoder,
+    }
+    read = dict(
+        image_size=encoders["stage1"].image_size, normalization=hp.get("normalization", "imagenet"), batch_size=500
+    )
+    bank = eval_loader(str(data_dir / "train"), subset=hp.get("knn_bank_size"), seed=hp.get("seed", 0), **read)
+    val = eval_loader(str(data_dir / "val"), **read)
+    k = hp.get("knn_k", 20)
+    acc = knn_accuracies(
+        encoders, bank, val, k=k, temperature=hp.get("knn_temperature", 0.07), device=_eval_device(opts)
+    )
+    result = {**acc, "gain": acc["stage1"] - acc["random_init"], "k": k, "step": step}
+    cache.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cfg: dict, start: float) -> dict:
     """Grid PNG, FID against the val split and class accuracy of the EMA weights of a stage-2 checkpoint."""
     import torch
@@ -205,7 +249,7 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     from epg.sampling.per_image import class_labels
 
     torch.set_num_threads(opts.threads)
-    device = "cuda" if opts.device == "gpu" and opts.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+    device = _eval_device(opts)
     init = cfg["model"]["init_args"]
     sampler = init.get("sample_sampler") or ("consistency" if init["objective"] == "consistency" else "heun")
     steps = init.get("sample_steps")
@@ -367,6 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         step("prepare shards", prepare)
         step("Inception weights", inception)
         step("stage 1: pre-training", lambda: run_stage("stage 1", pre_cfg, pre_dir, data_dir, pre_steps, [], opts))
+        knn = step(
+            "stage 1: k-NN check", lambda: stage1_knn(pre_dir / "checkpoints" / "last.ckpt", data_dir, pre, opts)
+        )
+        summary["stage1_knn"] = knn
+        _log(
+            f"stage-1 {knn['k']}-NN accuracy (val digits against the train digits): {knn['stage1']:.3f}, "
+            f"random-init encoder {knn['random_init']:.3f}: a gain of {knn['gain']:+.3f}",
+            start,
+        )
         init = ["--model.init_args.init_from", str(pre_dir / "checkpoints" / "last.ckpt")]
         step(
             f"stage 2: {opts.objective} fine-tuning",
@@ -390,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nepg demo ({opts.objective}) finished in {summary['total_s']:.0f}s: class accuracy "
         f"{summary['class_accuracy']:.1%}, FID {summary['fid']:.2f} ({summary['fid_samples']} samples vs "
         f"{summary['fid_reference']} val digits)\n"
+        f"  stage-1 encoder: {knn['k']}-NN accuracy {knn['stage1']:.3f} vs {knn['random_init']:.3f} at random init "
+        f"({knn['gain']:+.3f})\n"
         f"  samples (10x10, row c = class c): {summary['grid']}\n"
         f"  checkpoints: {pre_dir / 'checkpoints'} (stage 1), {ft_dir / 'checkpoints'} (stage 2)\n"
         f"  summary: {summary_path}\n"

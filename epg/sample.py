@@ -8,6 +8,7 @@ line, so use it from a shell, not from a notebook) or launch under torchrun.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -15,14 +16,21 @@ from pathlib import Path
 
 import torch
 
-from epg.checkpoint import load_denoiser
+from epg.checkpoint import load_denoiser, read_hyper_parameters
+from epg.data.shards import read_class_counts
 from epg.method.normalization import to_uint8
 from epg.sampling import SAMPLERS, Guidance, default_steps, sample
 from epg.sampling.files import png_name, write_adm_npz, write_png
 from epg.sampling.grid import GUIDANCE_INTERVAL
 from epg.sampling.per_image import LABEL_MODES, class_labels, image_noise, loop_generators
+from epg.sampling.stochastic import STOCHASTIC_VARIANTS
 
 CONFIG_NAME = "sample_config.json"
+LABEL_COUNTS_HELP = (
+    "class frequencies of --labels random: training shards (folder or pattern) or their dataset.json; 'auto' (default) "
+    "takes the training shards a Lightning checkpoint records; 'uniform' draws all classes equally"
+)
+STOCHASTIC_ARGS = ("s_churn", "s_min", "s_max", "s_noise", "stochastic_variant")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -39,9 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="grid levels (default: heun 32, euler 50, stochastic 32, consistency 1)")
     p.add_argument("--append-zero", action="store_true", help="EDM form: append σ = 0, final Euler step (75 NFE)")
     p.add_argument("--s-churn", type=float, help="stochastic sampler: S_churn (default 40)")
-    p.add_argument("--s-min", type=float, help="stochastic sampler: S_min, unshifted (default 0.05)")
-    p.add_argument("--s-max", type=float, help="stochastic sampler: S_max, unshifted (default 50)")
+    p.add_argument("--s-min", type=float, help="stochastic sampler: S_min of the churn window (default 0.05)")
+    p.add_argument("--s-max", type=float, help="stochastic sampler: S_max of the churn window (default 50)")
     p.add_argument("--s-noise", type=float, help="stochastic sampler: S_noise (default 1.003)")
+    p.add_argument(
+        "--stochastic-variant",
+        choices=STOCHASTIC_VARIANTS,
+        help="stochastic sampler: official (default; window compared with the shifted σ', last step Euler, §6.1) or "
+        "edm (window shifted too, every step corrected)",
+    )
     p.add_argument("--sigma-mid", help="consistency sampler: comma-separated σ_mid values, unshifted (2 steps: 0.821)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale w (1 = none; 2.5 for EPG-XL/16 at 256)")
     p.add_argument("--autoguidance", type=float, help="autoguidance scale w in D_c + w·(D_c − D_poor); needs --poor")
@@ -49,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     interval_help = "guidance σ interval lo,hi (unshifted; applied as (lo·s_H, hi·s_H]) or 'none' for every level"
     p.add_argument("--interval", default=",".join(map(str, GUIDANCE_INTERVAL)), help=interval_help)
     p.add_argument("--no-clamp", action="store_true", help="do not clamp x̂0 to [−1, 1] (METHOD.md §6.1)")
-    p.add_argument("--labels", default="balanced", choices=LABEL_MODES, help="class-balanced (§6.4) or uniform random")
+    p.add_argument(
+        "--labels",
+        default="balanced",
+        choices=LABEL_MODES,
+        help="class-balanced, or random from the training class frequencies (§6.4)",
+    )
+    p.add_argument("--label-counts", default="auto", help=LABEL_COUNTS_HELP)
     p.add_argument("--num-classes", type=int, help="classes to draw labels from (default: the network's)")
     p.add_argument("--batch", type=int, default=100, help="images per device batch (100 as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
@@ -75,7 +95,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("epg sample: choose one of --cfg and --autoguidance")
     if (args.autoguidance is None) != (args.poor is None):
         raise SystemExit("epg sample: --autoguidance W and --poor CKPT go together")
-    stochastic = [f for f in ("s_churn", "s_min", "s_max", "s_noise") if getattr(args, f) is not None]
+    stochastic = [f for f in STOCHASTIC_ARGS if getattr(args, f) is not None]
     if stochastic and args.sampler != "stochastic":
         raise SystemExit(f"epg sample: --{stochastic[0].replace('_', '-')} is an option of --sampler stochastic")
     if args.sigma_mid and args.sampler != "consistency":
@@ -85,12 +105,49 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _sampler_options(args: argparse.Namespace) -> dict:
-    options = {f: getattr(args, f) for f in ("s_churn", "s_min", "s_max", "s_noise") if getattr(args, f) is not None}
+    options = {f: getattr(args, f) for f in STOCHASTIC_ARGS if getattr(args, f) is not None}
+    if "stochastic_variant" in options:
+        options["variant"] = options.pop("stochastic_variant")
     if args.append_zero:
         options["append_zero"] = True
     if args.sigma_mid:
         options["sigma_mid"] = _parse_floats(args.sigma_mid, "--sigma-mid")
     return options
+
+
+def label_counts(source: str, checkpoint: str | os.PathLike) -> tuple[list[int] | None, str]:
+    """Training-set class counts for random labels (METHOD.md §6.4) and a line saying where they come from.
+
+    ``source`` names training shards or their dataset.json, "uniform" (None: equal frequencies), or "auto": the
+    ``data.train_shards`` that a Lightning checkpoint records, read relative to the working directory. Where "auto"
+    finds no counts (an official or converted checkpoint, shards elsewhere) the frequencies are uniform, with a note.
+    """
+    if source == "uniform":
+        return None, "random labels drawn uniformly over the classes (--label-counts uniform)"
+    spec = read_hyper_parameters(checkpoint)[1].get("train_shards") if source == "auto" else source
+    counts = None
+    if spec:
+        try:
+            counts = read_class_counts(str(spec))
+        except (FileNotFoundError, ValueError):
+            counts = None
+    if counts is not None:
+        return counts, f"random labels from the class frequencies of {spec} ({min(counts)}-{max(counts)} per class)"
+    if source != "auto":
+        raise SystemExit(
+            f"--label-counts {source}: no dataset.json with class counts there; point it at training "
+            "shards made by `epg prepare` (or their dataset.json), or pass 'uniform'"
+        )
+    found = f"its training shards {spec} have no dataset.json here" if spec else "it records no training shards"
+    return None, (
+        f"note: random labels are uniform over the classes: {found}; pass --label-counts TRAIN_SHARDS for the "
+        "training set's class frequencies (METHOD.md §6.4)"
+    )
+
+
+def counts_digest(counts: list[int] | None) -> str:
+    """A short fingerprint of the label counts for a folder's settings ("uniform" for None)."""
+    return "uniform" if counts is None else hashlib.sha256(json.dumps(counts).encode()).hexdigest()[:16]
 
 
 def _guidance(args: argparse.Namespace, device: torch.device) -> Guidance | None:
@@ -113,16 +170,20 @@ def _ema(text: str) -> int | None:
     return int(text)
 
 
-def _identity(args: argparse.Namespace, num_classes: int | None) -> dict:
+def _identity(args: argparse.Namespace, num_classes: int | None, counts: list[int] | None) -> dict:
     """What determines the images; a rerun into the same folder must match it."""
     keys = "ema preset parameterization sampler steps cfg autoguidance poor interval no_clamp labels seed autocast"
     keys += " append_zero s_churn s_min s_max s_noise sigma_mid"
     identity = {k: getattr(args, k) for k in keys.split()}
+    if args.sampler == "stochastic":  # the default variant changed from edm to official: older folders differ
+        identity["stochastic_variant"] = args.stochastic_variant or "official"
     identity.update(checkpoint=os.path.abspath(args.checkpoint), num_classes=num_classes)
     if identity["poor"]:
         identity["poor"] = os.path.abspath(identity["poor"])
     if args.labels == "balanced":
         identity["num"] = args.num  # balanced labels depend on N
+    else:
+        identity["label_counts"] = counts_digest(counts)
     return identity
 
 
@@ -175,8 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"epg sample: --num-classes {args.num_classes} but the network has {denoiser.null_label}")
     guidance = _guidance(args, device)
     options = _sampler_options(args)
+    counts = None
+    if num_classes is not None and args.labels == "random":
+        counts, where = label_counts(args.label_counts, args.checkpoint)
+        if counts is not None and len(counts) != num_classes:
+            raise SystemExit(
+                f"epg sample: {where}, but labels are drawn from {num_classes} classes; pass training shards of "
+                f"the same classes to --label-counts, or 'uniform'"
+            )
+        if rank == 0:
+            print(f"epg sample: {where}", file=sys.stderr)
     out = Path(args.out)
-    _check_folder(out, _identity(args, num_classes), rank)
+    _check_folder(out, _identity(args, num_classes, counts), rank)
     out.mkdir(parents=True, exist_ok=True)
 
     existing = set(os.listdir(out))
@@ -189,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         z = image_noise(args.seed, batch, shape).to(device)
         y = None
         if num_classes is not None:
-            y = torch.from_numpy(class_labels(batch, args.num, num_classes, args.labels, args.seed)).to(device)
+            labels = class_labels(batch, args.num, num_classes, args.labels, args.seed, counts)
+            y = torch.from_numpy(labels).to(device)
         gens = loop_generators(args.seed, batch, device) if args.sampler in ("stochastic", "consistency") else None
         x = sample(
             denoiser,
@@ -210,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if fabric is not None:
         fabric.barrier()
     if rank == 0 and not args.no_npz:
-        _write_npz(out, args, num_classes)
+        _write_npz(out, args, num_classes, counts)
     return 0
 
 
@@ -220,7 +292,7 @@ def _progress(total: int, disabled: bool):
     return tqdm(total=total, desc="epg sample", unit="img", disable=disabled, file=sys.stderr)
 
 
-def _write_npz(out: Path, args: argparse.Namespace, num_classes: int | None) -> None:
+def _write_npz(out: Path, args: argparse.Namespace, num_classes: int | None, counts: list[int] | None) -> None:
     npz = out.with_name(out.name + ".npz")
     names = [png_name(i, args.num) for i in range(args.num)]
     absent = [n for n in names if not (out / n).exists()]
@@ -232,6 +304,6 @@ def _write_npz(out: Path, args: argparse.Namespace, num_classes: int | None) -> 
         return
     labels = None
     if num_classes is not None:
-        labels = class_labels(range(args.num), args.num, num_classes, args.labels, args.seed)
+        labels = class_labels(range(args.num), args.num, num_classes, args.labels, args.seed, counts)
     write_adm_npz(out, args.num, npz, labels)
     print(f"epg sample: wrote {args.num} images to {out}/ and {npz}")

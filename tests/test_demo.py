@@ -77,7 +77,10 @@ def _check_outputs(out: Path, objective: str, stage2: str) -> dict:
     assert (out / stage2 / "checkpoints" / "last.ckpt").is_file()
     assert 0.0 <= summary["class_accuracy"] <= 1.0
     assert summary["fid"] == summary["fid"] and summary["fid"] >= 0.0  # a number, not NaN
-    assert set(summary["timings_s"]) >= {"prepare shards", "Inception weights", "evaluation"}
+    assert set(summary["timings_s"]) >= {"prepare shards", "Inception weights", "stage 1: k-NN check", "evaluation"}
+    knn = summary["stage1_knn"]  # val digits against the train digits, stage-1 vs random-init encoder
+    assert 0.0 <= knn["random_init"] <= 1.0 and 0.0 <= knn["stage1"] <= 1.0 and knn["k"] == 20
+    assert knn["gain"] == pytest.approx(knn["stage1"] - knn["random_init"])
     return summary
 
 
@@ -93,6 +96,7 @@ def test_demo_cpu_tiny(tmp_path: Path) -> None:
     assert main(["--out", str(out), *tiny]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["timings_s"]["stage 1: pre-training"] < summary["timings_s"]["stage 1: pre-training"]
+    assert again["stage1_knn"] == summary["stage1_knn"]  # kept in pretrain/knn.json for the same checkpoint
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from epg.eval.sweep import fid_to_reference, pool_features, sample_images
 from epg.lightning.finetune import FinetuneModule
 from tests._trainers import cpu_trainer
 from tests.test_eval_metrics import one_thread, photo_crops, write_folder
+from tests.test_sample_cli import write_train_split
 
 N = 8
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -123,6 +125,13 @@ def test_callback_checks_its_arguments_and_the_module():
         InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", ema_index=3)._network(module)
     online = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", ema_index=None)
     assert online._network(module) is module.net
+
+
+def test_random_labels_take_the_class_counts_of_the_training_shards(tmp_path):
+    train = write_train_split(tmp_path / "train", [2, 0, 5])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(train_shards=str(train)))
+    assert InLoopFID._training_class_counts(trainer) == [2, 0, 5]
+    assert InLoopFID._training_class_counts(SimpleNamespace(datamodule=None)) is None  # uniform labels
 
 
 def test_grid_spreads_over_the_share():

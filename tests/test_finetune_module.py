@@ -111,7 +111,7 @@ def test_lr_schedules(stage1):
     cm = FinetuneModule(
         preset=NANO, objective="consistency", init_from=stage1[0], warmup_steps=10, lr_milestones=(40, 50)
     )
-    assert [cm.lr_multiplier(k) for k in (5, 10, 39, 40, 49, 50, 99)] == pytest.approx(
+    assert [cm.lr_multiplier(k) for k in (5, 10, 40, 41, 50, 51, 99)] == pytest.approx(
         [0.5, 1, 1, 0.3, 0.3, 0.08, 0.08]
     )
 

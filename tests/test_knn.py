@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from epg.lightning.knn import encoder_knn_accuracy, gather_rows, knn_accuracy, split_halves
-from epg.nn.network import build_representation
+from epg.lightning.knn import bank_shards, gather_rows, knn_accuracy
 
 
 def test_weighted_vote_by_hand():
@@ -34,23 +33,26 @@ def test_accuracy_fraction_chunks_and_k_clipping():
     centers = torch.randn(4, 16) * 5
     labels = torch.randint(0, 4, (400,))
     feats = centers[labels] + torch.randn(400, 16)
-    acc = knn_accuracy(*split_halves(feats, labels), k=500, chunk=7)  # k clipped to the 200-sample bank
+    acc = knn_accuracy(feats[:200], labels[:200], feats[200:], labels[200:], k=500, chunk=7)  # k clipped to 200
     assert acc == pytest.approx(1.0, abs=0.02)
-    noise = knn_accuracy(*split_halves(torch.randn(400, 16), labels), k=20)
-    assert noise < 0.5
+    noise = torch.randn(400, 16)
+    assert knn_accuracy(noise[:200], labels[:200], noise[200:], labels[200:], k=20) < 0.5
     with pytest.raises(ValueError, match="empty"):
         knn_accuracy(torch.zeros(0, 2), torch.zeros(0), feats, labels)
 
 
-def test_split_halves_and_gather_without_group():
-    feats, labels = torch.arange(10.0).view(5, 2), torch.arange(5)
-    bank, bank_labels, queries, query_labels = split_halves(feats, labels)
-    assert bank_labels.tolist() == [0, 2, 4] and query_labels.tolist() == [1, 3]
+def test_gather_without_a_process_group_is_the_identity():
+    feats = torch.arange(10.0).view(5, 2)
     assert torch.equal(gather_rows(feats), feats)
 
 
-def test_encoder_knn_accuracy_runs_on_a_preset():
-    encoder = build_representation("EPG-Nano/4").encoder
-    images = torch.randn(20, 3, 16, 16)
-    acc = encoder_knn_accuracy(encoder, images, torch.arange(20) % 2, k=3)
-    assert 0.0 <= acc <= 1.0 and encoder.training
+def test_bank_is_a_fixed_seeded_subset_of_whole_training_shards():
+    urls = [f"train-{i:06d}.tar" for i in range(100)]  # 1,000 images each
+    chosen = bank_shards(urls, 100_000, 5_000, seed=1)
+    assert len(chosen) == 5 and chosen == sorted(chosen) and set(chosen) <= set(urls)
+    assert bank_shards(urls, 100_000, 4_500, seed=1) == chosen  # whole shards: the first ⌈4.5⌉ of the same order
+    assert bank_shards(urls, 100_000, 5_000, seed=2) != chosen
+    assert bank_shards(urls, 5_000, 5_000, seed=1) == urls  # a small split is used whole
+    assert bank_shards(urls, None, None, seed=1) == urls  # size None: the whole split (DINO)
+    with pytest.raises(ValueError, match="knn_bank_size: null"):
+        bank_shards(urls, None, 5_000, seed=1)

@@ -65,10 +65,6 @@ def test_lr_schedules():
     assert warmup_cosine(10, 10, 110) == 1.0
     assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
     assert warmup_cosine(110, 10, 110) == 0.0
-    assert [warmup_steps_schedule(k, 10_000) for k in (5_000, 10_000, 399_999, 400_000, 500_000)] == [
-        0.5,
-        1.0,
-        1.0,
-        0.3,
-        0.08,
-    ]
+    # The official bands close on the milestone: x1 while k <= 400K, x0.3 while k <= 500K (METHOD.md §5.5).
+    steps = (5_000, 10_000, 400_000, 400_001, 500_000, 500_001)
+    assert [warmup_steps_schedule(k, 10_000) for k in steps] == [0.5, 1.0, 1.0, 0.3, 0.3, 0.08]

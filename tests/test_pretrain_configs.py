@@ -65,10 +65,12 @@ def test_demo_config_runs_through_epg_fit_and_validate(tmp_path, monkeypatch):
     overrides = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
     overrides += ["--data.global_batch_size=8", "--data.val_batch_size=40", "--data.num_workers=0"]
     overrides += ["--model.init_args.export_path=runs/demo/pretrain/stage1.ckpt"]
+    overrides += ["--model.init_args.knn_bank_size=900"]  # one of the five train shards: a cheap k-NN bank
     assert main(["fit", "-c", config, *overrides]) == 0
     last = load_stage1_representation("runs/demo/pretrain/checkpoints/last.ckpt")
     slim = load_stage1_representation("runs/demo/pretrain/stage1.ckpt")
     assert last.config.image_size == 16 and last.state_dict().keys() == slim.state_dict().keys()
     assert list(Path("runs/demo/pretrain/tb").rglob("events.out.tfevents.*"))
     validate = ["validate", "-c", config, "--ckpt_path=runs/demo/pretrain/checkpoints/last.ckpt"]
-    assert main([*validate, "--trainer.limit_val_batches=1", "--data.val_batch_size=40", "--data.num_workers=0"]) == 0
+    validate += ["--trainer.limit_val_batches=1", "--data.val_batch_size=40", "--data.num_workers=0"]
+    assert main(validate) == 0

@@ -129,6 +129,7 @@ def test_both_terms_on_a_hand_example():
     module = nano()
     module._represent = lambda net, x, sigma: x.mean(dim=(2, 3))
     module.online.projection_head = torch.nn.Identity()
+    module.online.projection_head.track_statistics = lambda h: None  # no BN statistics to update
     module.target.projection_head = torch.nn.Identity()
 
     def images(*rgb):

@@ -1,13 +1,22 @@
 """PretrainModule under a real Lightning Trainer on CPU: exact resume, skipped fp16 steps, validation k-NN."""
 
+import copy
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
+from PIL import Image
 
+from epg.data.adm_crop import encode_image
+from epg.data.datamodule import EPGDataModule
+from epg.data.shards import shard_name, write_metadata, write_shard
 from epg.lightning.base import PAPER_SCALER
 from epg.lightning.faults import NonFiniteLossError
 from epg.lightning.pretrain import PretrainModule
+from epg.method.curriculum import pair_sigmas
+from epg.method.noise import c_in, c_noise
 from tests._pretrain_utils import TinyStage1Data
 from tests._trainers import cpu_trainer
 
@@ -60,6 +69,27 @@ def test_resume_restores_step_target_and_curriculum(tmp_path):
     for name, value in straight.state_dict().items():  # online, target (and BN statistics)
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(straight.target.encoder.pos_embed, straight.online.encoder.pos_embed)
+
+
+def test_one_step_updates_projector_bn_like_the_four_official_passes():
+    """The projector BN statistics after one step equal four train-mode passes u1, u2, x_a, x_b (METHOD.md §3.8)."""
+    torch.manual_seed(0)
+    module = PretrainModule(**SMALL)
+    reference = copy.deepcopy(module.online).train()
+    x0, v1, v2, _ = next(iter(_loader()))
+    n = module.num_scales_at(0)
+    sigma_a, sigma_b, sigma_0 = pair_sigmas(module.draw_pair_index(0, n), n, module.shift)
+    eps = module.noise_like(x0, 0)  # the noise of the first batch
+    passes = [(v1, sigma_0), (v2, sigma_0), (x0, sigma_a), (x0, sigma_b)]  # the official order of online passes
+    with torch.no_grad():
+        for x, sigma in passes:
+            s = torch.full((x.shape[0],), sigma)
+            reference(c_in(s).view(-1, 1, 1, 1) * (x + sigma * eps), c_noise(s))
+    _trainer(1).fit(module, _loader())
+    buffers = dict(module.online.projection_head.named_buffers())
+    for name, expected in reference.projection_head.named_buffers():
+        torch.testing.assert_close(buffers[name], expected, msg=name)
+    assert int(buffers["1.num_batches_tracked"]) == 4
 
 
 class SkipAt(PretrainModule):
@@ -117,16 +147,35 @@ def test_a_loss_that_stays_nan_under_fp16_stops_after_the_skip_limit():
     assert module.updates == 1 and module.skipped_updates == 4
 
 
-def test_validate_logs_knn_accuracy():
-    class ValData(torch.utils.data.Dataset):
-        def __len__(self):
-            return 12
+def _write_split(folder, split: str, shards: list[list[tuple[np.ndarray, int]]]) -> str:
+    folder.mkdir(parents=True)
+    names = [shard_name(split, i) for i in range(len(shards))]
+    for i, (name, images) in enumerate(zip(names, shards, strict=True)):
+        write_shard(
+            folder / name,
+            [(f"s{i}_{j}", "png", encode_image(Image.fromarray(a), "png"), y) for j, (a, y) in enumerate(images)],
+        )
+    counts = np.bincount([y for images in shards for _, y in images], minlength=2).tolist()
+    write_metadata(folder, split, ["0", "1"], {}, names, counts, 16, "png")
+    return str(folder)
 
-        def __getitem__(self, i):
-            x = torch.full((3, 16, 16), float(i % 2)) + 0.01 * i
-            return x, i % 2
 
-    module = PretrainModule(preset="EPG-Nano/4", knn_k=3)
-    trainer = _trainer(1, limit_val_batches=None)
-    (metrics,) = trainer.validate(module, torch.utils.data.DataLoader(ValData(), batch_size=5), verbose=False)
-    assert 0.0 <= metrics["val/knn_acc"] <= 1.0
+def test_validate_logs_knn_accuracy_of_val_queries_against_training_images(tmp_path):
+    """val/knn_acc: every val image is a query, the bank holds training images (here copies of the val images)."""
+    rng = np.random.default_rng(0)
+    image = lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # noqa: E731
+    a, b = image(), image()
+    # Three shards of four; each holds a copy of both val images among noise images of the same classes.
+    train = _write_split(tmp_path / "train", "train", [[(a, 0), (b, 1), (image(), 0), (image(), 1)] for _ in range(3)])
+    val = _write_split(tmp_path / "val", "val", [[(a, 0), (b, 1)]])
+    data = EPGDataModule(
+        train_shards=train, val_shards=val, stage="pretrain", image_size=16, global_batch_size=4, num_workers=0,
+        num_classes=2, hflip=False,
+    )  # fmt: skip
+    module = PretrainModule(preset="EPG-Nano/4", knn_k=1)
+    (metrics,) = _trainer(1, limit_val_batches=None).validate(module, datamodule=data, verbose=False)
+    # Each query finds its own copy in the bank; halves of the val split (the former bank) would score 0.
+    assert metrics["val/knn_acc"] == 1.0
+    with pytest.warns(UserWarning, match="no val/knn_acc"):  # a bare val loader: no training images, no metric
+        (metrics,) = _trainer(1, limit_val_batches=None).validate(module, data.val_dataloader(), verbose=False)
+    assert "val/knn_acc" not in metrics

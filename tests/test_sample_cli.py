@@ -13,7 +13,9 @@ import torch
 
 import epg.sample as cli
 from epg.checkpoint import save_network_file
+from epg.data.shards import shard_name, write_metadata, write_shard
 from epg.nn.network import build_network
+from epg.sampling.per_image import class_labels
 
 NUM = 12
 
@@ -92,6 +94,66 @@ def test_images_depend_only_on_seed_and_index(nano: dict[str, Path], tmp_path: P
     assert set(a["arr_1"].tolist()) <= set(range(10)) and len(set(a["arr_1"].tolist())) > 1
     _run(nano["edm"], tmp_path / "c", *args[:-1], "--seed", "1", "--no-progress")
     assert not _close(a["arr_0"], np.load(tmp_path / "c.npz")["arr_0"])
+
+
+def test_stochastic_variant_reaches_the_sampler_and_the_folder_identity(nano: dict[str, Path], tmp_path: Path) -> None:
+    args = ("--sampler", "stochastic", "--no-progress", "--no-npz")
+    _run(nano["x0"], tmp_path / "official", *args)
+    _run(nano["x0"], tmp_path / "edm", *args, "--stochastic-variant", "edm")
+    # 3 steps at 16 px: σ' = 20 is churned by the official window [0.05, 50] only (the shifted one is [0.0125, 12.5])
+    png = "000000.png"
+    assert (tmp_path / "official" / png).read_bytes() != (tmp_path / "edm" / png).read_bytes()
+    with pytest.raises(SystemExit, match="stochastic_variant"):
+        _run(nano["x0"], tmp_path / "official", *args, "--stochastic-variant", "edm")
+
+
+def write_train_split(folder: Path, counts: list[int]) -> Path:
+    """An (empty) training shard with a dataset.json holding ``counts`` per class, as `epg prepare` writes it."""
+    folder.mkdir(parents=True)
+    write_shard(folder / shard_name("train", 0), [])
+    classes = [f"n{c:08d}" for c in range(len(counts))]
+    write_metadata(folder, "train", classes, {}, [shard_name("train", 0)], counts, 16, "png")
+    return folder
+
+
+def test_random_labels_follow_the_training_class_frequencies() -> None:
+    counts, n = [100, 300, 0, 600], 10_000
+    labels = class_labels(range(n), n, 4, "random", 0, class_counts=counts)
+    assert np.bincount(labels, minlength=4) / n == pytest.approx([0.1, 0.3, 0.0, 0.6], abs=0.02)
+    assert not (labels == 2).any()
+    picked = [5, 17, n - 1]  # one draw per image, seeded by (seed, i): independent of the batch
+    assert class_labels(picked, n, 4, "random", 0, counts).tolist() == labels[picked].tolist()
+    uniform = class_labels(range(n), n, 4, "random", 0)  # no counts: every class equally often
+    assert np.bincount(uniform, minlength=4) / n == pytest.approx([0.25] * 4, abs=0.02)
+    with pytest.raises(ValueError, match="4 non-negative counts"):
+        class_labels([0], n, 4, "random", 0, [1, 2])
+
+
+def test_random_labels_read_the_class_counts_of_the_training_shards(
+    nano: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    train = write_train_split(tmp_path / "data" / "train", [0, 0, 0, 5, 0, 0, 0, 5, 0, 0])
+    ckpt = tmp_path / "run.ckpt"  # a FinetuneModule checkpoint records its datamodule's train_shards
+    torch.save(
+        {
+            "pytorch-lightning_version": "2.6.0",
+            "hyper_parameters": {"preset": "EPG-Nano/4", "objective": "diffusion"},
+            "datamodule_hyper_parameters": {"train_shards": str(train)},
+            "state_dict": {f"net.{k}": v for k, v in build_network("EPG-Nano/4").state_dict().items()},
+        },
+        ckpt,
+    )
+    random = ("--labels", "random", "--no-progress")
+    _run(ckpt, tmp_path / "auto", *random)
+    assert set(np.load(tmp_path / "auto.npz")["arr_1"].tolist()) == {3, 7}
+    assert f"class frequencies of {train}" in capsys.readouterr().err
+    _run(nano["x0"], tmp_path / "file", *random)  # a network file records no shards: uniform, with a note
+    assert "note: random labels are uniform" in capsys.readouterr().err
+    assert len(set(np.load(tmp_path / "file.npz")["arr_1"].tolist())) > 2
+    _run(nano["x0"], tmp_path / "given", *random, "--label-counts", str(train / "dataset.json"))
+    assert set(np.load(tmp_path / "given.npz")["arr_1"].tolist()) == {3, 7}
+    with pytest.raises(SystemExit, match="label_counts"):  # other frequencies, other images: a fresh folder
+        _run(nano["x0"], tmp_path / "file", *random, "--label-counts", str(train))
 
 
 def test_argument_errors_say_what_to_do(nano: dict[str, Path], tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def test_int_label_broadcasts(nets: dict[str, Denoiser]) -> None:
 def test_defaults_and_options_per_sampler() -> None:
     assert [default_steps(s) for s in ("heun", "euler", "stochastic", "consistency")] == [32, 50, 32, 1]
     assert sampler_options("heun") == {"append_zero": False}
-    assert set(sampler_options("stochastic")) == {"append_zero", "s_churn", "s_min", "s_max", "s_noise"}
+    assert set(sampler_options("stochastic")) == {"append_zero", "s_churn", "s_min", "s_max", "s_noise", "variant"}
+    assert sampler_options("stochastic")["variant"] == "official"
     assert sampler_options("consistency") == {"sigma_mid": None}
 
 
@@ -89,7 +90,8 @@ def test_sampling_loop_never_reads_device_values() -> None:
     d = Denoiser(build_network("EPG-Nano/4").eval().to("meta"), "x0")
     z, y = torch.randn(3, 3, 16, 16, device="meta"), torch.tensor([0, 1, 2], device="meta")
     assert sample(d, z, y, steps=4, guidance=2.0, return_info=True).nfe == 8
-    assert sample(d, z, y, sampler="stochastic", steps=4, s_min=0.0, return_info=True).nfe == 6
+    assert sample(d, z, y, sampler="stochastic", steps=4, s_min=0.0, return_info=True).nfe == 5  # last step Euler
+    assert sample(d, z, y, sampler="stochastic", steps=4, variant="edm", return_info=True).nfe == 6
     assert sample(d, z, y, sampler="consistency", steps=2, return_info=True).images.device.type == "meta"
 
 

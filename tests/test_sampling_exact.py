@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from epg.method.denoiser import Denoiser
-from epg.method.noise import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from epg.method.noise import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_grid
 from epg.sampling import sample
 
 MU, S = 0.1, 0.2  # data N(μ, s²) per dimension: [−1, 1] is μ ± 4.5·s, so the §6.1 clamp touches ~1e−5 of values
@@ -72,6 +72,35 @@ def test_stochastic_sampler_converges_to_the_data_distribution(z: torch.Tensor) 
     x = sample(Denoiser(ExactGaussianNet(), "x0"), z, sampler="stochastic", steps=128, generator=g).double()
     assert abs(x.mean().item() - MU) < 0.01
     assert x.var().item() / S**2 == pytest.approx(1.0, abs=0.06)
+
+
+def test_official_stochastic_sampler_matches_the_routine_of_method_6_1() -> None:
+    """METHOD.md §6.1 written out: S_min/S_max against the shifted σ', a draw every step, no correction at the end."""
+    d = Denoiser(ExactGaussianNet(), "x0")  # s_H = 4
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    # At 8 steps σ' = 320, 140, 54.8, 18.5, 5.15, 1.07, 0.141, 0.008: the official window [0.05, 50] churns the
+    # last four starts, the shifted window [0.2, 200] of the "edm" variant σ' = 140 … 1.07.
+    sigmas = [4.0 * float(s) for s in karras_grid(8)]
+    g = torch.Generator().manual_seed(3)
+    x0_hat = lambda x, sigma: d(x, torch.full((x.shape[0],), sigma)).clamp(-1, 1)  # noqa: E731
+    x = z * sigmas[0]
+    for i in range(7):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        noise = torch.randn(x.shape, generator=g)
+        gamma = min(40.0 / 8, math.sqrt(2) - 1) if 0.05 <= t_cur <= 50.0 else 0.0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x + math.sqrt(t_hat**2 - t_cur**2) * 1.003 * noise
+        d_cur = (x_hat - x0_hat(x_hat, t_hat)) / t_hat
+        x = x_hat + (t_next - t_hat) * d_cur
+        if i < 6:
+            d_next = (x - x0_hat(x, t_next)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next)
+    seeded = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    official = sample(d, z, sampler="stochastic", steps=8, generator=seeded(), return_info=True)  # the default
+    torch.testing.assert_close(official.images, x)
+    edm = sample(d, z, sampler="stochastic", steps=8, variant="edm", generator=seeded(), return_info=True)
+    assert (official.nfe, edm.nfe) == (13, 14)
+    assert (edm.images - x).abs().max() > 0.01
 
 
 def test_euler_converges_at_first_order(z: torch.Tensor) -> None:

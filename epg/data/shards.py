@@ -102,6 +102,18 @@ def read_dataset_info(urls: list[str]) -> dict | None:
     return json.loads(path.read_text())
 
 
+def read_class_counts(spec: str) -> list[int] | None:
+    """Samples per class in label order from the dataset.json of shards ``spec`` (a shard folder or pattern, or the
+    dataset.json itself); None when there is no such file (e.g. remote shards)."""
+    if spec.endswith(DATASET_JSON) and os.path.isfile(spec):
+        info = json.loads(Path(spec).read_text())
+    else:
+        info = read_dataset_info(expand_shards(spec))
+    if info is None or "class_counts" not in info:
+        return None
+    return [int(n) for n in info["class_counts"].values()]  # written in label order (write_metadata)
+
+
 def count_samples(urls: list[str]) -> int:
     """Samples in local tar shards, counted from their .cls members (no image decoding)."""
     total = 0

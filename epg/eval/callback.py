@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from epg.data.shards import read_class_counts
 from epg.eval.inception_weights import ensure_inception_weights
 from epg.eval.metrics import EvalInputError, InceptionFeatures
 from epg.eval.reference import ReferenceStats, compute_reference, load_reference
@@ -75,7 +76,8 @@ class InLoopFID(Callback):
         batch_size: images per sampling and Inception batch on each rank.
         seed: image i's noise and label depend only on (seed, i).
         log_grid: also log up to ``grid_size`` of rank 0's samples as an image, when the logger can.
-        labels: "balanced" (K/C per class, METHOD.md §6.4) or "random".
+        labels: "balanced" (K/C per class, METHOD.md §6.4) or "random" (from the class frequencies in the dataset.json
+            of the datamodule's ``train_shards``; uniform, with a note, when there is none).
         cache_dir: where a computed reference is cached (default: ``trainer.default_root_dir``).
     """
 
@@ -119,6 +121,7 @@ class InLoopFID(Callback):
         self.cache_dir = cache_dir
         self.grid_size = grid_size
         self.reference: ReferenceStats | None = None
+        self.class_counts: list[int] | None = None
         self._inception: InceptionFeatures | None = None
         self._last_step = -1
 
@@ -129,6 +132,8 @@ class InLoopFID(Callback):
         self._network(pl_module)  # fail now, not after the first M steps, on a module that does not fit
         if "normalization" not in pl_module.hparams:
             raise ValueError(f"InLoopFID: {type(pl_module).__name__}.hparams has no 'normalization' (imagenet|simple)")
+        if self.labels == "random":
+            self.class_counts = self._training_class_counts(trainer)
         if trainer.local_rank == 0:
             ensure_inception_weights()  # offline conversion, once per machine
         trainer.strategy.barrier("InLoopFID.weights")
@@ -143,6 +148,18 @@ class InLoopFID(Callback):
                     f"InLoopFID: the reference {self.reference_source} is at {resolution[0]}x{resolution[1]} but "
                     f"the network makes {size}x{size} images; use a reference at the training resolution"
                 )
+
+    @staticmethod
+    def _training_class_counts(trainer: L.Trainer) -> list[int] | None:
+        """The training shards' class counts for random labels (METHOD.md §6.4); None (uniform) without them."""
+        shards = getattr(trainer.datamodule, "train_shards", None)
+        try:
+            counts = read_class_counts(shards) if shards else None
+        except (FileNotFoundError, ValueError):
+            counts = None
+        if counts is None:
+            rank_zero_info(f"InLoopFID: no class counts for training shards {shards}; random labels are uniform")
+        return counts
 
     def _network(self, pl_module: L.LightningModule) -> torch.nn.Module:
         if not hasattr(pl_module, "denoiser"):
@@ -192,6 +209,7 @@ class InLoopFID(Callback):
                 labels=self.labels,
                 seed=self.seed,
                 batch_size=self.batch_size,
+                class_counts=self.class_counts,
             )
         finally:
             net.train(was_training)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from epg.checkpoint import load_denoiser
+from epg.checkpoint import load_denoiser, read_hyper_parameters
 from epg.eval.metrics import (
     EvalInputError,
     Features,
@@ -37,6 +37,7 @@ from epg.eval.metrics import (
 )
 from epg.eval.reference import ReferenceStats, open_reference
 from epg.method.normalization import to_uint8
+from epg.sample import LABEL_COUNTS_HELP, counts_digest, label_counts
 from epg.sampling import SAMPLERS, Guidance, default_steps, sample
 from epg.sampling.grid import GUIDANCE_INTERVAL
 from epg.sampling.per_image import LABEL_MODES, class_labels, image_noise, loop_generators
@@ -77,22 +78,29 @@ def sample_images(
     labels: str = "balanced",
     seed: int = 0,
     batch_size: int = 100,
+    class_counts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """uint8 images (N, H, W, 3) on the CPU for ``indices`` out of ``num``, each fixed by (seed, index) (METHOD.md §6).
 
     ``denoiser`` is a :class:`~epg.method.denoiser.Denoiser` in eval mode on its device; labels are class-balanced
-    or random over the network's classes (§6.4; none for an unconditional network). Sampling runs in fp32 (§8).
+    or random over the network's classes (§6.4; none for an unconditional network), random ones with the training
+    frequencies ``class_counts`` (uniform when None). Sampling runs in fp32 (§8).
     """
     device = next(denoiser.parameters()).device
     size = denoiser.image_size
     num_classes = denoiser.null_label
+    if labels == "random" and class_counts is not None and len(class_counts) != num_classes:
+        raise EvalInputError(
+            f"the label counts name {len(class_counts)} classes but the network has {num_classes}: give the counts "
+            "of its training classes, or none (uniform labels)"
+        )
     chunks = [torch.empty((0, size, size, 3), dtype=torch.uint8)]
     for start in range(0, len(indices), batch_size):
         batch = list(indices[start : start + batch_size])
         z = image_noise(seed, batch, (3, size, size)).to(device)
         y = None
         if num_classes is not None:
-            y = torch.from_numpy(class_labels(batch, num, num_classes, labels, seed)).to(device)
+            y = torch.from_numpy(class_labels(batch, num, num_classes, labels, seed, class_counts)).to(device)
         x = sample(
             denoiser,
             z,
@@ -149,6 +157,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--labels", default="balanced", choices=(*LABEL_MODES, "both"), help="label mode; both: compare them (§6.4)"
     )
+    p.add_argument("--label-counts", default="auto", help=LABEL_COUNTS_HELP)
     p.add_argument("--preset", help="architecture of an official checkpoint, e.g. EPG-XL/16")
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling and Inception batch")
@@ -177,11 +186,7 @@ def _interval(text: str) -> tuple[float, float] | None:
 def ema_choices(text: str, checkpoint: str | os.PathLike) -> list[int | None]:
     """EMA indices named by --ema (None = online weights); `all` reads the checkpoint's EMA rates."""
     if text.strip().lower() == "all":
-        try:  # mmap: only the hyper-parameters are read, not gigabytes of weights
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be mapped
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        rates = (ckpt.get("hyper_parameters") or {}).get("ema_rates") if isinstance(ckpt, dict) else None
+        rates = read_hyper_parameters(checkpoint)[0].get("ema_rates")  # not gigabytes of weights
         return list(range(len(rates))) if rates else [None]  # no EMA copies: the stored/online weights
     choices: list[int | None] = []
     for part in (p.strip().lower() for p in text.split(",") if p.strip()):
@@ -197,11 +202,13 @@ def _ema_arg(ema: int | None) -> str:
     return "none" if ema is None else str(ema)
 
 
-def _identity(args: argparse.Namespace, sweep_labels: str) -> dict:
+def _identity(args: argparse.Namespace, sweep_labels: str, counts: list[int] | None) -> dict:
     """What the sweep's rows depend on besides (scale, EMA); a rerun into the same folder must match it."""
     keys = ("ref", "num", "sampler", "steps", "interval", "preset", "seed")
     identity = {k: getattr(args, k) for k in keys}
     identity.update(checkpoint=os.path.abspath(args.checkpoint), ref=os.path.abspath(args.ref), labels=sweep_labels)
+    if args.labels != "balanced":
+        identity["label_counts"] = counts_digest(counts)
     return identity
 
 
@@ -283,6 +290,7 @@ def _final_run(args: argparse.Namespace, row: dict, mode: str, inception: Incept
     argv = [args.checkpoint, "--out", str(folder), "--num", str(args.final_num), "--ema", _ema_arg(row["ema"])]
     argv += ["--sampler", args.sampler, "--steps", str(args.steps), "--cfg", str(row["scale"])]
     argv += ["--interval", args.interval, "--labels", mode, "--seed", str(args.seed), "--batch", str(args.batch_size)]
+    argv += ["--label-counts", args.label_counts]
     argv += ["--accelerator", str(inception.device.type)] + (["--preset", args.preset] if args.preset else [])
     print(f"epg fid sweep: final run: epg sample {' '.join(argv)}")
     if sample_tool.main(argv):
@@ -292,7 +300,7 @@ def _final_run(args: argparse.Namespace, row: dict, mode: str, inception: Incept
     return {"samples": str(npz), "metrics": score(features, reference, device=str(inception.device))}
 
 
-def _in_memory_fid(args, model, ema, scale, interval, mode, inception, reference) -> dict:
+def _in_memory_fid(args, model, ema, scale, interval, mode, inception, reference, counts) -> dict:
     """One sweep row: ``args.num`` samples of one (EMA copy, scale, label mode) scored against the reference."""
     start = time.time()
     images = sample_images(
@@ -306,6 +314,7 @@ def _in_memory_fid(args, model, ema, scale, interval, mode, inception, reference
         labels=mode,
         seed=args.seed,
         batch_size=args.batch_size,
+        class_counts=counts,
     )
     fid = fid_to_reference(pool_features(images, inception, args.batch_size), reference)
     seconds = round(time.time() - start, 2)
@@ -329,9 +338,13 @@ def run(args: argparse.Namespace) -> int:
     emas = ema_choices(args.ema, args.checkpoint)
     args.steps = args.steps or default_steps(args.sampler)
     sweep_labels = "balanced" if args.labels == "both" else args.labels
+    counts = None
+    if args.labels != "balanced":
+        counts, where = label_counts(args.label_counts, args.checkpoint)
+        print(f"epg fid sweep: {where}")
     out = Path(args.out)
     path = out / RESULTS_NAME
-    results = _load_results(path, _identity(args, sweep_labels))
+    results = _load_results(path, _identity(args, sweep_labels, counts))
 
     inception = InceptionFeatures(device=args.device)
     reference = open_reference(args.ref, inception, batch_size=args.batch_size, progress=True)
@@ -351,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         for scale in scales:
             row = done.get((ema, scale))
             if row is None:
-                row = _in_memory_fid(args, model, ema, scale, interval, sweep_labels, inception, reference)
+                row = _in_memory_fid(args, model, ema, scale, interval, sweep_labels, inception, reference, counts)
                 results["rows"].append(row)
                 _save(path, results)
                 print(f"{row['weights']:>12}  cfg {scale:<5g}  FID {row['fid']:.3f}  ({row['seconds']} s)")
@@ -375,7 +388,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.labels == "both":  # compare label modes at --num: the balanced row is the sweep's
         model = load_denoiser(args.checkpoint, ema=best["ema"], preset=args.preset)
         model.denoiser.to(inception.device)
-        random = _in_memory_fid(args, model, best["ema"], best["scale"], interval, "random", inception, reference)
+        random = _in_memory_fid(
+            args, model, best["ema"], best["scale"], interval, "random", inception, reference, counts
+        )
         results["labels"] = {"balanced": best, "random": random}
         _report({mode: {"fid": results["labels"][mode]["fid"]} for mode in modes}, f"{args.num} samples, {_tag(best)}")
     _save(path, results)

@@ -42,7 +42,7 @@ class FinetuneModule(EPGModule):
 
     Per-objective defaults (None picks them) follow the paper: DM betas (0.9, 0.999), weight decay 0.01, P_mean −1.2,
     warmup + cosine LR, grad clip 0.5 after warmup; CM betas (0.9, 0.99), weight decay 0.03, P_mean −0.4, warmup +
-    LR steps (×0.3 at 400K, ×0.08 at 500K), no clipping. ``grad_clip=0`` turns clipping off.
+    LR steps (×0.3 after update 400K, ×0.08 after 500K), no clipping. ``grad_clip=0`` turns clipping off.
 
     Checkpoints hold the online network (``net.``), one EMA copy per rate (``ema_nets.<i>.``), the applied-update
     count and everything Lightning keeps (optimizer, scaler, scheduler). The CM's stop-gradient target and frozen

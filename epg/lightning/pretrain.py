@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from epg.lightning.base import EPGModule, param_groups, seeded_generator
-from epg.lightning.knn import cls_features, gather_rows, knn_accuracy, split_halves
+from epg.lightning.knn import cls_features, encoder_features, eval_loader, gather_rows, knn_accuracy
 from epg.method.curriculum import cosine_tau_max, interpolated_tau, num_scales, pair_sigmas
 from epg.method.ema import ema_update_
 from epg.method.losses import gather_local_first, info_nce
@@ -44,7 +46,9 @@ class PretrainModule(EPGModule):
             with τ_max cosine-annealed from tau_start to tau_end) (METHOD.md §3.6; the paper's values are unknown).
         curriculum_n0, curriculum_n1: N₀ and N₁ of the discretization curriculum (METHOD.md §3.2).
         target_bn_train_mode: run the target in train mode (MoCo-v3 batch statistics) instead of eval (METHOD.md §10.2).
-        knn_k, knn_temperature: the k-NN check of ``validate`` (see :mod:`epg.lightning.knn`).
+        knn_k, knn_temperature, knn_bank_size: the k-NN check of ``validate`` (:mod:`epg.lightning.knn`): the val
+            images are the queries, the memory bank holds about ``knn_bank_size`` training images (a fixed subset of
+            whole shards, seeded by ``seed``; None: the whole train split, the DINO protocol).
         normalization: pixel normalization of the data (stored for reference; METHOD.md §1.1).
         seed: seeds the pair index (per step) and the noise (per batch and rank), so a resumed run continues exactly.
         paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings instead of Lightning's.
@@ -77,6 +81,7 @@ class PretrainModule(EPGModule):
         target_bn_train_mode: bool = False,
         knn_k: int = 20,
         knn_temperature: float = 0.07,
+        knn_bank_size: int | None = 50_000,
         normalization: str = "imagenet",
         seed: int = 1234,
         paper_grad_scaler: bool = True,
@@ -101,6 +106,7 @@ class PretrainModule(EPGModule):
         self.shift = resolution_shift(self.online.config.image_size)
         self._val_feats: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
+        self._warned_no_bank = False
         self.batches_seen = 0  # training batches so far (checkpointed): keys the noise of each micro-batch
 
     # ---- modes, schedules, draws ----
@@ -175,14 +181,19 @@ class PretrainModule(EPGModule):
         u1, u2 = v1 + sigma_0 * eps, v2 + sigma_0 * eps
         x_a, x_b = x0 + sigma_a * eps, x0 + sigma_b * eps
         # One encoder pass for the three online inputs with gradient (the encoder has no batch statistics); the
-        # projector sees each view separately, so its BN statistics are per view as in separate passes. x_a skips
-        # the projector: only its h is used, and the BN running statistics then describe near-clean inputs.
+        # projector sees each input separately, so its BN statistics are per input as in separate passes.
         h1, h2, h_a = self._represent(
             self.online, torch.cat([u1, u2, x_a]), torch.cat([sig(sigma_0, 2 * b), sig(sigma_a, b)])
         ).split(b)
-        z1, z2 = self.online.projection_head(h1), self.online.projection_head(h2)
+        projector = self.online.projection_head
+        z1, z2 = projector(h1), projector(h2)
         with torch.no_grad():
             h_b = self._represent(self.online, x_b, sig(sigma_b, b))  # key: online network, stop-gradient (§10.4)
+            # The official online pass always ends in the projector, so x_a and x_b update its BN running
+            # statistics too (u1, u2, x_a, x_b: METHOD.md §3.8 step 4); the frozen auxiliary network of the CM uses
+            # them (§5.4). Their z is unused, so these passes need no gradient and no output layer.
+            projector.track_statistics(h_a)
+            projector.track_statistics(h_b)
             t1, t2 = self._represent(self.target, torch.cat([u1, u2]), sig(sigma_0, 2 * b)).split(b)
             k1, k2 = self.target.projection_head(t1), self.target.projection_head(t2)
         tau_c = self.hparams.tau_contrastive
@@ -265,14 +276,47 @@ class PretrainModule(EPGModule):
         self._val_feats.append(cls_features(self.online.encoder, x))
         self._val_labels.append(y)
 
+    def knn_bank_loader(self) -> Iterable | None:
+        """This rank's ``(x, y)`` batches of the k-NN memory bank: a seeded subset of the datamodule's training shards.
+
+        None without a datamodule that has ``train_shards`` (then no ``val/knn_acc``); override to use another bank.
+        """
+        data = self.trainer.datamodule
+        if getattr(data, "train_shards", None) is None:
+            return None
+        return eval_loader(
+            data.train_shards,
+            image_size=data.image_size,
+            normalization=data.normalization,
+            batch_size=data.val_batch_size or data.per_device_batch_size,
+            subset=self.hparams.knn_bank_size,
+            seed=self.hparams.seed,
+            num_workers=data.num_workers,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+        )
+
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/knn_acc``: val features of all ranks, even positions the bank, odd ones the queries."""
-        if not self._val_feats:
-            return
-        feats = gather_rows(torch.cat(self._val_feats))
-        labels = gather_rows(torch.cat(self._val_labels))
+        """Log ``val/knn_acc``: the val images of all ranks as queries against the bank of training images."""
+        encoder = self.online.encoder
+        empty = torch.zeros(0, encoder.dim, device=self.device)
+        queries = gather_rows(torch.cat([empty, *self._val_feats]))
+        labels = gather_rows(torch.cat([empty.new_zeros(0, dtype=torch.long), *self._val_labels]).long())
         self._val_feats, self._val_labels = [], []
-        if feats.shape[0] < 2:
+        if queries.shape[0] == 0:
             return
-        acc = knn_accuracy(*split_halves(feats, labels), k=self.hparams.knn_k, temperature=self.hparams.knn_temperature)
+        bank = self.knn_bank_loader()
+        if bank is None:
+            if not self._warned_no_bank:
+                rank_zero_warn(
+                    "PretrainModule: no val/knn_acc: its memory bank holds training images, and there is no datamodule "
+                    "with train_shards (pass one, e.g. EPGDataModule, or override knn_bank_loader)"
+                )
+                self._warned_no_bank = True
+            return
+        with self.trainer.precision_plugin.val_step_context():  # the precision of the query features
+            bank_feats, bank_labels = encoder_features(encoder, bank, self.device)
+        bank_feats, bank_labels = gather_rows(bank_feats), gather_rows(bank_labels)
+        hp = self.hparams
+        acc = knn_accuracy(bank_feats, bank_labels, queries, labels, k=hp.knn_k, temperature=hp.knn_temperature)
         self.log("val/knn_acc", acc, prog_bar=True, sync_dist=True)  # same value on every rank

@@ -19,11 +19,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 def warmup_steps_schedule(
     step: int, warmup_steps: int, milestones: Sequence[int] = (400_000, 500_000), factors: Sequence[float] = (0.3, 0.08)
 ) -> float:
-    """Linear warmup, then ×1 until the first milestone, ×factors[i] after milestone i (METHOD.md §5.5)."""
+    """Linear warmup, then ×1 up to and including the first milestone, ×factors[i] after milestone i (METHOD.md §5.5).
+
+    The bands close on the milestone as in the official schedule (×1 while step ≤ 400K, ×0.3 while step ≤ 500K), so
+    the factor changes with the update that follows the milestone step.
+    """
     if step < warmup_steps:
         return step / warmup_steps
     factor = 1.0
     for milestone, f in zip(milestones, factors, strict=True):
-        if step >= milestone:
+        if step > milestone:
             factor = f
     return factor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from epg.nn.layers import xavier_init_linears
@@ -25,3 +26,13 @@ class Projector(nn.Sequential):
             nn.Linear(hidden_dim, out_dim, bias=False),
         )
         xavier_init_linears(self)
+
+    @torch.no_grad()
+    def track_statistics(self, h: torch.Tensor) -> None:
+        """Update the BN running statistics as a train-mode pass on ``h`` would (nothing in eval mode), skipping the
+        output layer and the gradient: for inputs whose projection is unused but pass the projector in the official
+        step (METHOD.md §3.8 step 4)."""
+        if not self.training:
+            return
+        for layer in list(self)[:-1]:  # the output Linear does not feed a BN
+            h = layer(h)

@@ -29,16 +29,35 @@ def loop_generators(seed: int, indices: Sequence[int], device: torch.device | st
     return [torch.Generator(device=device).manual_seed(image_seeds(seed, i)[2]) for i in indices]
 
 
-def class_labels(indices: Sequence[int], num: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
+def class_labels(
+    indices: Sequence[int],
+    num: int,
+    num_classes: int,
+    mode: str,
+    seed: int,
+    class_counts: Sequence[int] | None = None,
+) -> np.ndarray:
     """Labels of images ``indices`` out of ``num`` (METHOD.md §6.4).
 
     ``balanced``: image i gets class ⌊i·C/num⌋, i.e. num/C consecutive images per class in class order (exact when C
-    divides num, else counts differ by at most one). ``random``: uniform over the C classes, seeded per image; the
-    official code draws from the training set's class frequencies, which for ImageNet are close to uniform.
+    divides num, else counts differ by at most one). ``random``: one draw per image seeded by (seed, i), from the
+    training set's class frequencies ``class_counts`` (C counts in label order; the official sampler draws from the
+    class counts of its training data) or, when None, uniformly over the C classes.
     """
     if mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {mode!r}: choose one of {LABEL_MODES}")
     idx = np.asarray(indices, dtype=np.int64)
     if mode == "balanced":
         return idx * num_classes // num
-    return np.array([np.random.default_rng(image_seeds(seed, int(i))[1]).integers(num_classes) for i in idx], np.int64)
+    rngs = [np.random.default_rng(image_seeds(seed, int(i))[1]) for i in idx]
+    if class_counts is None:
+        return np.array([rng.integers(num_classes) for rng in rngs], np.int64)
+    counts = np.asarray(class_counts, dtype=np.int64)
+    if counts.shape != (num_classes,) or (counts < 0).any() or counts.sum() == 0:
+        raise ValueError(
+            f"class_counts must be {num_classes} non-negative counts (one per class, not all 0), got {counts.tolist()}"
+        )
+    # Draw one of the N training images uniformly and take its class: P(c) = counts[c] / N exactly.
+    edges = np.cumsum(counts)
+    draws = np.array([rng.integers(edges[-1]) for rng in rngs], np.int64)
+    return np.searchsorted(edges, draws, side="right").astype(np.int64)
