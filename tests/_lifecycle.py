@@ -34,7 +34,16 @@ SIZE_AND_TIME = {
         "callbacks",
         "sync_batchnorm",
     },  # fmt: skip
-    "model": {"network", "warmup_steps", "total_steps", "lr_milestones", "ect_d0", "ect_d1", "grid_size"},
+    "model": {
+        "network",
+        "warmup_steps",
+        "total_steps",
+        "lr_milestones",
+        "ect_d0",
+        "ect_d1",
+        "grid_size",
+        "knn_bank_size",
+    },
     "data": {"image_size", "global_batch_size", "val_batch_size", "num_workers"},
 }
 # Per kind: the first run's last step, the final step, and the compressed schedule.
@@ -92,6 +101,7 @@ def shrink(cfg: dict, max_steps: int, probe: str, device: str = "cpu", batch: in
         network = {**(args.get("network") or {}), **TINY, "image_size": 16, "patch_size": 4}
         if kind == "pretrain":
             network |= TINY_PROJECTOR
+            out["model"]["init_args"]["knn_bank_size"] = 64  # k-NN bank: a few shards' worth, not 50K images
         out["model"]["init_args"]["network"] = network
         out["data"]["image_size"] = 16
         if trainer["precision"] == "16-mixed":  # the paper's fp16 + GradScaler, through a CPU plugin
@@ -191,14 +201,15 @@ def check_lifecycle(cfg: dict, rows: list[dict]) -> dict:
         assert applied[-1]["ema0_distance"] > 0
         crossed["clipped_updates"] = sum(r["clipped"] for r in applied)
     else:
-        # ECT stage a = δ + ⌊k/d⌋ for k ≥ d (d0 = d1 = 2) (§5.3); LR ×f0 after milestone 6, ×f1 after 8 (§5.5).
+        # ECT stage a = δ + ⌊k/d⌋ for k ≥ d (d0 = d1 = 2) (§5.3); LR ×1 through update 6, ×f0 through 8, then ×f1
+        # (the official step, §5.5: the factor changes on the update after the milestone).
         delta = args["ect_delta"]
         stages = {k: by_updates[k]["ect_stage"] for k in (0, 1, 2, 3, 4, 6)}
         assert stages == {0: delta, 1: delta, 2: delta + 1, 3: delta + 1, 4: delta + 2, 6: delta + 3}, stages
         factors = args.get("lr_factors", [0.3, 0.08])
-        assert _approx(by_updates[5]["lr"], lr)
-        assert _approx(by_updates[6]["lr"], lr * factors[0])
-        assert _approx(by_updates[8]["lr"], lr * factors[1])
+        assert _approx(by_updates[6]["lr"], lr)
+        assert _approx(by_updates[7]["lr"], lr * factors[0]) and _approx(by_updates[8]["lr"], lr * factors[0])
+        assert _approx(by_updates[9]["lr"], lr * factors[1])
         assert all(r["target_distance"] == 0.0 for r in applied), "the stop-gradient target is the online copy"
         assert all(r["clipped"] == 0 for r in rows), "the CM does not clip (§5.5)"
         crossed["ect_stages"] = sorted(set(r["ect_stage"] for r in applied))
