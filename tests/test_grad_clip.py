@@ -97,3 +97,26 @@ def test_unknown_optimizer_impl_is_refused():
     module = FinetuneModule(preset="EPG-Nano/4", network={"image_size": 16}, optimizer_impl="apex")
     with pytest.raises(ValueError, match="optimizer_impl must be one of"):
         module.configure_optimizers()
+
+
+@pytest.mark.parametrize(("saved", "now"), [("foreach", "fused"), ("fused", "foreach")])
+def test_resumed_optimizer_state_keeps_this_runs_implementation(saved, now):
+    """torch's load_state_dict copies fused/foreach from the saved groups; training starts with the chosen one."""
+    from types import SimpleNamespace
+
+    old = FinetuneModule(preset="EPG-Nano/4", network={"image_size": 16}, sample_every_n_val=0, optimizer_impl=saved)
+    opt_old = old.configure_optimizers()["optimizer"]
+    for p in old.net.parameters():
+        p.grad = torch.ones_like(p)
+    opt_old.step()
+    new = FinetuneModule(preset="EPG-Nano/4", network={"image_size": 16}, sample_every_n_val=0, optimizer_impl=now)
+    optimizer = new.configure_optimizers()["optimizer"]
+    optimizer.load_state_dict(opt_old.state_dict())
+    assert optimizer.param_groups[0][now] is not True  # what Lightning's restore leaves behind
+    new._trainer = SimpleNamespace(optimizers=[optimizer])
+    new.on_train_start()
+    assert all(g[now] is True and g[saved] is False for g in optimizer.param_groups)
+    for p in new.net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # runs with the chosen implementation
+    assert all(int(s["step"]) == 2 for s in optimizer.state.values())

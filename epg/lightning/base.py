@@ -167,6 +167,19 @@ class EPGModule(L.LightningModule):
         fused = impl == "fused"
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=not fused)
 
+    def on_train_start(self) -> None:
+        """Keep this run's ``optimizer_impl`` after a resume: a restored optimizer state brings the flags of the run
+        that saved it (torch copies ``fused``/``foreach`` from the saved param groups), which would silently switch."""
+        fused = self.hparams.get("optimizer_impl", "fused") == "fused"
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["fused"], group["foreach"] = fused, not fused
+                if fused:  # the fused kernel wants float32 step counters on the parameters' device
+                    for p in group["params"]:
+                        state = optimizer.state.get(p, {})
+                        if torch.is_tensor(state.get("step")):
+                            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
     # ---- gradient clipping (any optimizer, any precision) ----
     def grad_clip_value(self) -> float | None:
         """Global-norm clip for the coming update, or None (subclasses: e.g. only after warm-up, METHOD.md §4)."""
