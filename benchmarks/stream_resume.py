@@ -113,17 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results[-1]), flush=True)
     report = {
         "what": "resume cost of EPGDataModule's training stream: read-without-decode fast-forward of one stream",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "load_average_1min": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "results": results,
         "note": "a resumed worker fast-forwards at most one epoch's share of its rank's samples "
         "(batches_per_epoch / num_workers x batch size); shards in the page cache, so the rate is the reader's "
         "(tar parsing and the shuffle buffer); on a cold disk the read is bounded by its bandwidth instead",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

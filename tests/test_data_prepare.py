@@ -213,12 +213,24 @@ def flip(path, offset, size=4096):
     path.write_bytes(bytes(data))
 
 
-def test_records_verify_and_repair(tmp_path, capsys, monkeypatch):
-    src = _tree(tmp_path / "src", per_class=4)
+def _prepared(tmp_path, per_class):
+    """Shards of 3 samples of an 8-px tree: (source, output folder, the command's arguments, dataset info)."""
+    src = _tree(tmp_path / "src", per_class=per_class)
     out = tmp_path / "out"
     args = [str(src), str(out), "--resolution", "8", "--shard-size", "3", "--workers", "1"]
     assert prep.main(args) == 0
-    info = json.loads((out / "dataset.json").read_text())
+    return src, out, args, json.loads((out / "dataset.json").read_text())
+
+
+def _record_writes(monkeypatch) -> list[str]:
+    """Names of the shards that `epg prepare` writes from now on."""
+    written, real_write = [], prep.write_shard
+    monkeypatch.setattr(prep, "write_shard", lambda path, s: written.append(path.name) or real_write(path, s))
+    return written
+
+
+def test_records_verify_and_repair(tmp_path, capsys, monkeypatch):
+    src, out, args, info = _prepared(tmp_path, per_class=4)
     shards = sorted(out.glob("*.tar"))
     assert len(shards) == 4 and set(info["shard_records"]) == {p.name for p in shards}
     for shard in shards:
@@ -239,8 +251,7 @@ def test_records_verify_and_repair(tmp_path, capsys, monkeypatch):
     assert "2 of 4 shards damaged" in lines[2]
     assert f"repair: epg prepare {src.resolve()} {out} --resolution 8 --split train" in lines[2]
 
-    written, real_write = [], prep.write_shard
-    monkeypatch.setattr(prep, "write_shard", lambda path, s: written.append(path.name) or real_write(path, s))
+    written = _record_writes(monkeypatch)
     assert prep.main(args) == 0  # the same command repairs exactly the damaged shards
     assert written == [shards[1].name, shards[2].name]
     assert {p.name: file_sha256(p) for p in shards} == original
@@ -250,11 +261,7 @@ def test_records_verify_and_repair(tmp_path, capsys, monkeypatch):
 
 def test_output_of_an_earlier_version_is_adopted(tmp_path, capsys, monkeypatch):
     """Reports and dataset.json without records: a rerun records the intact shards instead of rewriting them."""
-    src = _tree(tmp_path / "src", per_class=2)
-    out = tmp_path / "out"
-    args = [str(src), str(out), "--resolution", "8", "--shard-size", "3", "--workers", "1"]
-    assert prep.main(args) == 0
-    info = json.loads((out / "dataset.json").read_text())
+    _, out, args, info = _prepared(tmp_path, per_class=2)
     for report in (out / ".prepare").glob("train-*.json"):
         old = json.loads(report.read_text())
         report.write_text(json.dumps({k: v for k, v in old.items() if k not in ("bytes", "sha256")}))
@@ -264,8 +271,7 @@ def test_output_of_an_earlier_version_is_adopted(tmp_path, capsys, monkeypatch):
     assert "no per-shard records" in capsys.readouterr().out
 
     truncate(out / "train-000001.tar")
-    written, real_write = [], prep.write_shard
-    monkeypatch.setattr(prep, "write_shard", lambda path, s: written.append(path.name) or real_write(path, s))
+    written = _record_writes(monkeypatch)
     assert prep.main(args) == 0
     assert written == ["train-000001.tar"]  # the damaged one; the intact ones are adopted
     assert json.loads((out / "dataset.json").read_text())["shard_records"] == info["shard_records"]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,22 +168,13 @@ MODULES = {
 BATCHES_PER_EPOCH = 7  # with accumulate_grad_batches 2: steps end at batches 2, 4, 6, 7 of each epoch
 
 
-def write_config(
-    path: Path,
-    root: Path,
-    data: Path,
-    steps: int = 8,
-    delay: float = 0.3,
-    stage: str = "finetune",
-    workers: int = 0,
-    accumulate: int = 1,
-) -> Path:
-    """An `epg fit` config of EPG-Nano/4 on the demo shards: 8-sample batches, BATCHES_PER_EPOCH per epoch."""
-    module, model_args = MODULES[stage]
-    options = dict(module=module, model_args=model_args, stage=stage, workers=workers, accumulate=accumulate)
-    path.write_text(
-        CONFIG.format(root=root, data=data, steps=steps, delay=delay, samples=8 * BATCHES_PER_EPOCH, **options)
-    )
+def write_config(path: Path, root: Path, data: Path, steps: int = 8, delay: float = 0.3, **layout: Any) -> Path:
+    """An `epg fit` config of EPG-Nano/4 on the demo shards, 8-sample batches, BATCHES_PER_EPOCH per epoch;
+    ``layout`` may set stage ("finetune"), workers (0) and accumulate (1)."""
+    layout = {"stage": "finetune", "workers": 0, "accumulate": 1} | layout
+    module, model_args = MODULES[layout["stage"]]
+    options = dict(module=module, model_args=model_args, samples=8 * BATCHES_PER_EPOCH, **layout)
+    path.write_text(CONFIG.format(root=root, data=data, steps=steps, delay=delay, **options))
     return path
 
 

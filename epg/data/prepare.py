@@ -310,7 +310,8 @@ def prepare(
     done = [(i, out / name, state_dir / f"{name}.json") for i, name in enumerate(shards)]
     done = [task for task in done if task[1].is_file() and task[2].is_file()]
     reports: dict[int, dict] = {}
-    for i, report, problem in map_shards(_check_finished, done, workers):
+    checks = map_shards(_check_finished, done, workers)
+    for i, report, problem in tqdm(checks, total=len(done), unit="shard", desc=f"check finished {split} shards"):
         if report is not None:
             reports[i] = report
         else:

@@ -163,7 +163,7 @@ class TrainLoader:
         done = self._consumed()
         if done is None:
             done, self.start = self.start, (self.start // len(self) + 1) * len(self)
-        self.stream.consumed = done
+        self.stream.consumed = done  # copied into this iteration's new worker processes (workers are not persistent)
         return iter(self.loader)
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from epg.data.samples import BrokenShard, decode_sample, open_url, tar_samples
 from epg.data.shards import DATASET_JSON, RECORDS, map_shards, record_problem, repair_command
 
@@ -61,7 +63,8 @@ def verify_split(folder: Path, workers: int = 1) -> tuple[list[ShardCheck], dict
     info = json.loads((folder / DATASET_JSON).read_text())
     records = info.get(RECORDS) or {}
     tasks = [(folder / name, records.get(name)) for name in info["shards"]]
-    return sorted(map_shards(check_shard, tasks, workers), key=lambda c: c.name), info
+    checks = tqdm(map_shards(check_shard, tasks, workers), total=len(tasks), unit="shard", desc=f"verify {folder}")
+    return sorted(checks, key=lambda c: c.name), info
 
 
 def verify(out: Path, workers: int = 1) -> int:
