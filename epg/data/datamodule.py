@@ -29,10 +29,10 @@ from epg.data.shards import (
     count_samples,
     expand_shards,
     is_remote,
+    local_records,
     read_dataset_info,
     record_problem,
     repair_command,
-    shard_records,
 )
 from epg.data.stream import TrainLoader, TrainStream
 from epg.data.transforms import EvalTransform, FinetuneTransform, PretrainViews
@@ -297,7 +297,7 @@ class EPGDataModule(L.LightningDataModule):
 
     def _expected(self, urls: list[str]) -> dict[str, int]:
         """Recorded sample counts by URL: local shards from their dataset.json, remote ones from shard_records."""
-        records, _ = shard_records(urls)
+        records, _ = local_records(urls)
         if self.shard_records:
             by_name: dict[str, dict] = {}
             for location in self.shard_records.split("::"):
@@ -336,7 +336,7 @@ class EPGDataModule(L.LightningDataModule):
 
     def _check_records(self, urls: list[str], name: str) -> None:
         """Stop on local shards whose size differs from their record (one stat per shard); note unrecorded ones."""
-        records, unrecorded = shard_records(urls)
+        records, unrecorded = local_records(urls)
         for folder in unrecorded:
             if folder not in _NOTED:
                 _NOTED.add(folder)

@@ -151,7 +151,7 @@ def read_dataset_info(urls: list[str]) -> dict | None:
     return json.loads(path.read_text())
 
 
-def shard_records(urls: list[str]) -> tuple[dict[str, dict], list[Path]]:
+def local_records(urls: list[str]) -> tuple[dict[str, dict], list[Path]]:
     """Records of the local shards of `urls` from the dataset.json beside them, by URL; and the folders whose
     dataset.json holds no records (shards of an earlier version). Remote shards and folders without one are skipped."""
     records: dict[str, dict] = {}
