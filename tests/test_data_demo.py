@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import tarfile
 import time
 
@@ -77,3 +78,33 @@ def test_epg_prepare_demo_command(demo, capsys):
     out, info = demo
     assert main(["prepare", "demo", str(out)]) == 0
     assert info["train_shards"] in capsys.readouterr().out
+
+
+def test_verify_names_damage_and_prepare_demo_repairs_it(demo, tmp_path, capsys):
+    from epg.cli import main
+    from epg.data.shards import file_sha256
+    from tests.test_data_prepare import flip, truncate
+
+    root = tmp_path / "demo"
+    shutil.copytree(demo[0], root)
+    assert main(["prepare", "--verify", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "train: 5 shards intact, 4,500 samples decode" in out and "val: 2 shards intact, 500 samples decode" in out
+    shards = sorted((root / "train").glob("*.tar"))
+    original = {p: file_sha256(p) for p in shards}
+    truncate(shards[1])
+    flip(shards[3], 30_000)  # the header of the 6th sample
+    assert main(["prepare", "--verify", str(root)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        f"{shards[1]}: truncated to 2,309,120 of 4,618,240 bytes; tar stream ends without the end-of-archive "
+        "marker after 451 samples; 449 of 900 samples lost"
+    )
+    assert lines[1].startswith(f"{shards[3]}: contents differ from the record (sha256); tar stream has a damaged")
+    assert lines[1].endswith("895 of 900 samples lost")
+    assert lines[2] == f"{root / 'train'}: 2 of 5 shards damaged, 1,344 samples lost; repair: epg prepare demo {root}"
+
+    assert main(["prepare", "demo", str(root)]) == 0
+    assert capsys.readouterr().err.count(": rewritten") == 2
+    assert {p: file_sha256(p) for p in shards} == original
+    assert main(["prepare", "--verify", str(root)]) == 0

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from epg.data import prepare as prep
+from epg.data.shards import file_sha256
 
 SIZES = [(40, 30), (30, 50), (16, 16), (23, 17)]
 
@@ -197,3 +199,79 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, make_args, message
 def test_help_exits_0(capsys):
     assert prep.main(["--help"]) == 0
     assert "--resolution" in capsys.readouterr().out
+
+
+def truncate(path):
+    """Cut a file to half its size, as a failed copy does."""
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def flip(path, offset, size=4096):
+    """Invert `size` bytes of a file from `offset` (its size stays the same)."""
+    data = bytearray(path.read_bytes())
+    data[offset : offset + size] = bytes(b ^ 0xFF for b in data[offset : offset + size])
+    path.write_bytes(bytes(data))
+
+
+def _prepared(tmp_path, per_class):
+    """Shards of 3 samples of an 8-px tree: (source, output folder, the command's arguments, dataset info)."""
+    src = _tree(tmp_path / "src", per_class=per_class)
+    out = tmp_path / "out"
+    args = [str(src), str(out), "--resolution", "8", "--shard-size", "3", "--workers", "1"]
+    assert prep.main(args) == 0
+    return src, out, args, json.loads((out / "dataset.json").read_text())
+
+
+def _record_writes(monkeypatch) -> list[str]:
+    """Names of the shards that `epg prepare` writes from now on."""
+    written, real_write = [], prep.write_shard
+    monkeypatch.setattr(prep, "write_shard", lambda path, s: written.append(path.name) or real_write(path, s))
+    return written
+
+
+def test_records_verify_and_repair(tmp_path, capsys, monkeypatch):
+    src, out, args, info = _prepared(tmp_path, per_class=4)
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) == 4 and set(info["shard_records"]) == {p.name for p in shards}
+    for shard in shards:
+        record = info["shard_records"][shard.name]
+        assert record == {"samples": 3, "bytes": shard.stat().st_size, "sha256": file_sha256(shard)}
+    original = {p.name: file_sha256(p) for p in shards}
+    capsys.readouterr()
+    assert prep.main(["--verify", str(out)]) == 0
+    assert "4 shards intact, 12 samples decode" in capsys.readouterr().out
+
+    truncate(shards[1])
+    flip(shards[2], 600)  # the first sample's .cls header and data
+    assert prep.main(["--verify", str(out), "--workers", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{shards[1]}: truncated to") and lines[0].endswith("of 3 samples lost")
+    assert lines[1].startswith(f"{shards[2]}: contents differ from the record (sha256); tar stream has a damaged")
+    assert lines[1].endswith("3 of 3 samples lost")
+    assert "2 of 4 shards damaged" in lines[2]
+    assert f"repair: epg prepare {src.resolve()} {out} --resolution 8 --split train" in lines[2]
+
+    written = _record_writes(monkeypatch)
+    assert prep.main(args) == 0  # the same command repairs exactly the damaged shards
+    assert written == [shards[1].name, shards[2].name]
+    assert {p.name: file_sha256(p) for p in shards} == original
+    assert "truncated to" in capsys.readouterr().err
+    assert prep.main(["--verify", str(out)]) == 0
+
+
+def test_output_of_an_earlier_version_is_adopted(tmp_path, capsys, monkeypatch):
+    """Reports and dataset.json without records: a rerun records the intact shards instead of rewriting them."""
+    _, out, args, info = _prepared(tmp_path, per_class=2)
+    for report in (out / ".prepare").glob("train-*.json"):
+        old = json.loads(report.read_text())
+        report.write_text(json.dumps({k: v for k, v in old.items() if k not in ("bytes", "sha256")}))
+    (out / "dataset.json").write_text(json.dumps({k: v for k, v in info.items() if k != "shard_records"}))
+    capsys.readouterr()
+    assert prep.main(["--verify", str(out)]) == 0
+    assert "no per-shard records" in capsys.readouterr().out
+
+    truncate(out / "train-000001.tar")
+    written = _record_writes(monkeypatch)
+    assert prep.main(args) == 0
+    assert written == ["train-000001.tar"]  # the damaged one; the intact ones are adopted
+    assert json.loads((out / "dataset.json").read_text())["shard_records"] == info["shard_records"]

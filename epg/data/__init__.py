@@ -1,4 +1,5 @@
-"""Data layer: `epg prepare` (shards of ADM center crops), the demo digits, transforms and the DataModule.
+"""Data layer: `epg prepare` (shards of ADM center crops, per-shard records, --verify), the demo digits, transforms,
+the DataModule and its resumable training stream.
 
 Imports are lazy so that `epg prepare` does not pay for importing Lightning.
 """

@@ -2,31 +2,48 @@
 
 from __future__ import annotations
 
-import math
+import json
 import os
+import re
 import warnings
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import webdataset as wds
 
 from epg.data.pipeline import (
+    DataHealth,
     LabelledSample,
     PretrainSample,
-    ResampledShards,
-    SeededShuffle,
-    SkipCounter,
+    ReadShards,
     collate,
     ignore_sigterm,
     split_by_rank,
 )
-from epg.data.shards import count_samples, expand_shards, read_dataset_info
+from epg.data.samples import open_url
+from epg.data.shards import (
+    RECORDS,
+    count_samples,
+    expand_shards,
+    is_remote,
+    local_records,
+    read_dataset_info,
+    record_problem,
+    repair_command,
+)
+from epg.data.stream import TrainLoader, TrainStream
 from epg.data.transforms import EvalTransform, FinetuneTransform, PretrainViews
 from epg.method.normalization import NORMALIZATIONS
 
 STAGES = ("pretrain", "finetune")
+_NOTED: set[Path] = set()  # folders of unrecorded shards already noted in this process
+
+
+class DamagedShardsError(ValueError):
+    """Local shards whose size differs from their record; the message names them and the repair command."""
 
 
 class EPGDataModule(L.LightningDataModule):
@@ -50,6 +67,15 @@ class EPGDataModule(L.LightningDataModule):
         hflip: random horizontal flips of METHOD.md §7 (turn off for data whose mirror image is another class).
         rank: this process's rank, for use without a Trainer (default: Trainer, then $RANK, then 0).
         world_size: number of processes, for use without a Trainer (default: Trainer, then $WORLD_SIZE, then 1).
+        allow_damaged_shards: train on local shards whose size differs from their record (a warning, not an error).
+        shard_records: dataset.json file(s) or URL(s), joined by ``::``, recording remote shards (by file name), so
+            that a remote shard that ends early is reported; local shards use the dataset.json beside them.
+
+    The training stream is exact across resumes (see :mod:`epg.data.stream`): a rerun from a checkpoint draws the
+    batches an uninterrupted run would have drawn, for the same seed, devices, workers and batch size.
+    Damaged shards are named: at setup (local shards whose size differs from dataset.json's record: an error), and
+    while reading (a shard that yields fewer samples than its record, or whose tar stream breaks: a warning); the
+    samples lost and the corrupt samples skipped are logged as ``data/lost_samples`` and ``data/skipped_samples``.
     """
 
     def __init__(
@@ -70,6 +96,8 @@ class EPGDataModule(L.LightningDataModule):
         hflip: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        allow_damaged_shards: bool = False,
+        shard_records: str | None = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -93,9 +121,9 @@ class EPGDataModule(L.LightningDataModule):
         self.num_workers, self.normalization, self.label_drop = num_workers, normalization, label_drop
         self.num_classes, self.samples_per_epoch, self.seed = num_classes, samples_per_epoch, seed
         self.shuffle_buffer, self._rank, self._world_size = shuffle_buffer, rank, world_size
-        self.hflip = hflip
+        self.hflip, self.allow_damaged_shards, self.shard_records = hflip, allow_damaged_shards, shard_records
         self._num_train_samples: int | None = None
-        self._skips: SkipCounter | None = None
+        self._health: DataHealth | None = None
 
     # -- distributed layout -------------------------------------------------------------------------------------
 
@@ -160,45 +188,60 @@ class EPGDataModule(L.LightningDataModule):
 
     @property
     def num_skipped(self) -> int:
-        """Corrupt samples (or unreadable shards) skipped so far by this process's loaders."""
-        return self._skips.count if self._skips is not None else 0
+        """Corrupt samples skipped so far by this process's loaders (all their workers)."""
+        return self._health.skipped if self._health is not None else 0
+
+    @property
+    def num_lost(self) -> int:
+        """Samples lost to damaged shards so far in this process's loaders (recorded count minus samples read)."""
+        return self._health.lost if self._health is not None else 0
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
         """Check the shards and the batch split early, on every rank."""
         if stage in (None, "fit") and self.train_shards is not None:
-            self._check_shards(self._urls(self.train_shards, "train_shards"))
+            self._check_shards(self._urls(self.train_shards, "train_shards"), "train_shards")
             _ = self.per_device_batch_size, self.num_train_samples
         if stage in (None, "fit", "validate") and self.val_shards is not None:
-            self._check_shards(self._urls(self.val_shards, "val_shards"))
+            self._check_shards(self._urls(self.val_shards, "val_shards"), "val_shards")
 
-    def train_dataloader(self) -> wds.WebLoader:
-        """Endless resampled stream cut into `batches_per_epoch` batches of `per_device_batch_size` on every rank."""
+    def train_dataloader(self) -> TrainLoader:
+        """`batches_per_epoch` batches of `per_device_batch_size` per epoch on every rank, exact across resumes."""
         urls = self._urls(self.train_shards, "train_shards")
-        rank, batches = self.rank, self.batches_per_epoch
         if self.stage == "pretrain":
             make = PretrainSample(PretrainViews(self.image_size, self.normalization, self.hflip))
         else:
             transform = FinetuneTransform(self.image_size, self.normalization, self.hflip)
             make = LabelledSample(transform, self.label_drop, null_label=self.num_classes)
-        skips = self._skip_counter()
-        dataset = wds.DataPipeline(
-            ResampledShards(urls, self.seed, rank),
-            wds.tarfile_to_samples(handler=skips),
-            SeededShuffle(self.shuffle_buffer, self.seed, rank),
-            wds.map(make, handler=skips),
-            wds.batched(self.per_device_batch_size, collation_fn=collate, partial=False),
-        ).with_epoch(math.ceil(batches / max(1, self.num_workers)))
-        loader = wds.WebLoader(
-            dataset,
-            batch_size=None,
+        layout = {
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.per_device_batch_size,
+            "batches_per_epoch": self.batches_per_epoch,
+            "shuffle_buffer": self.shuffle_buffer,
+            "num_shards": len(urls),
+        }
+        stream = TrainStream(
+            urls,
+            self._expected(urls),
+            make,
+            self.per_device_batch_size,
+            self.batches_per_epoch,
+            self.seed,
+            self.rank,
+            self.shuffle_buffer,
+            self._data_health(),
+        )
+        return TrainLoader(
+            stream,
+            self._consumed_batches,
+            layout,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed + 100_003 * rank),
             worker_init_fn=ignore_sigterm,
         )
-        return loader.with_epoch(batches).with_length(batches, silent=True)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Each rank reads its share of the val shards once, in order, without flips or label drop."""
@@ -208,19 +251,14 @@ class EPGDataModule(L.LightningDataModule):
         rank, world = self._dist()
         if len(urls) < world:
             warnings.warn(f"{len(urls)} val shards for {world} ranks: some ranks get no validation data")
-        skips = self._skip_counter()
-        dataset = (
-            wds.WebDataset(
-                urls,
-                resampled=False,
-                shardshuffle=False,
-                nodesplitter=partial(split_by_rank, rank=rank, world_size=world),
-                workersplitter=wds.split_by_worker,
-                empty_check=False,
-                handler=skips,
-            )
-            .map(LabelledSample(EvalTransform(self.image_size, self.normalization)), handler=skips)
-            .batched(self.val_batch_size or self.per_device_batch_size, collation_fn=collate, partial=True)
+        health = self._data_health()
+        dataset = wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            partial(split_by_rank, rank=rank, world_size=world),
+            wds.split_by_worker,
+            ReadShards(self._expected(urls), health),
+            wds.map(LabelledSample(EvalTransform(self.image_size, self.normalization)), handler=health.skip),
+            wds.batched(self.val_batch_size or self.per_device_batch_size, collation_fn=collate, partial=True),
         )
         workers = min(self.num_workers, len(urls[rank::world]))
         return wds.WebLoader(
@@ -231,12 +269,45 @@ class EPGDataModule(L.LightningDataModule):
             worker_init_fn=ignore_sigterm,
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Every `log_every_n_steps` training batches, log the samples lost and skipped so far, summed over ranks."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._health is not None:
+            if (trainer.fit_loop.total_batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+                self._log_health(trainer)
+        return batch
+
     # -- helpers ------------------------------------------------------------------------------------------------
 
-    def _skip_counter(self) -> SkipCounter:
-        if self._skips is None:
-            self._skips = SkipCounter()
-        return self._skips
+    def _data_health(self) -> DataHealth:
+        if self._health is None:
+            self._health = DataHealth()
+        return self._health
+
+    def _log_health(self, trainer: L.Trainer) -> None:
+        counts = torch.tensor([self._health.lost, self._health.skipped], device=trainer.strategy.root_device)
+        lost, skipped = trainer.strategy.reduce(counts, reduce_op="sum").tolist()  # a collective: every rank calls it
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/lost_samples": lost, "data/skipped_samples": skipped}, trainer.global_step)
+
+    def _consumed_batches(self) -> int | None:
+        """Training batches the run has consumed (restored with a checkpoint), or None without a Trainer."""
+        return None if self.trainer is None else self.trainer.fit_loop.total_batch_idx + 1
+
+    def _expected(self, urls: list[str]) -> dict[str, int]:
+        """Recorded sample counts by URL: local shards from their dataset.json, remote ones from shard_records."""
+        records, _ = local_records(urls)
+        if self.shard_records:
+            by_name: dict[str, dict] = {}
+            for location in self.shard_records.split("::"):
+                with open_url(location) as f:
+                    by_name.update(json.loads(f.read()).get(RECORDS) or {})
+            for url in filter(is_remote, urls):
+                names = re.findall(r"[^/\s]+\.tar\b", url)
+                if names and names[-1] in by_name:
+                    records[url] = by_name[names[-1]]
+        return {url: int(record["samples"]) for url, record in records.items()}
 
     @staticmethod
     def _urls(spec: str | None, name: str) -> list[str]:
@@ -246,8 +317,9 @@ class EPGDataModule(L.LightningDataModule):
             )
         return expand_shards(spec)
 
-    def _check_shards(self, urls: list[str]) -> None:
-        """Compare the shards' dataset.json (when there is one) with num_classes and image_size."""
+    def _check_shards(self, urls: list[str], name: str) -> None:
+        """Check local shards against their records, and their dataset.json with num_classes and image_size."""
+        self._check_records(urls, name)
         info = read_dataset_info(urls)
         if info is None:
             return
@@ -261,3 +333,30 @@ class EPGDataModule(L.LightningDataModule):
                 f"shards of {info['resolution']} px with image_size {self.image_size}: every image is ADM-cropped "
                 f"again while loading (slower); prepare shards with `epg prepare --resolution {self.image_size}`"
             )
+
+    def _check_records(self, urls: list[str], name: str) -> None:
+        """Stop on local shards whose size differs from their record (one stat per shard); note unrecorded ones."""
+        records, unrecorded = local_records(urls)
+        for folder in unrecorded:
+            if folder not in _NOTED:
+                _NOTED.add(folder)
+                warnings.warn(
+                    f"the shards in {folder} have no per-shard records (made by an earlier `epg prepare`), so damage "
+                    f"shows only while reading; check them once with `epg prepare --verify {folder}`",
+                    stacklevel=2,
+                )
+        damaged = [(url, p) for url, record in records.items() if (p := record_problem(url, record, content=False))]
+        if not damaged:
+            return
+        folders = sorted({Path(url).parent for url, _ in damaged})
+        listing = ", ".join(f"{Path(url).name} ({problem})" for url, problem in damaged[:8])
+        more = f" and {len(damaged) - 8} more" if len(damaged) > 8 else ""
+        message = (
+            f"{len(damaged)} of the {name} in {', '.join(map(str, folders))} differ from their records: "
+            f"{listing}{more}; "
+            f"repair them with `{'` and `'.join(repair_command(f) for f in folders)}` (check with `epg prepare "
+            "--verify`), or set data.allow_damaged_shards: true to train on what they still hold"
+        )
+        if not self.allow_damaged_shards:
+            raise DamagedShardsError(message)
+        warnings.warn(message, stacklevel=2)

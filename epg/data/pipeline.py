@@ -1,108 +1,80 @@
-"""WebDataset pipeline stages of the DataModule: seeded shard sampling and shuffling, decoding, skipping, collation."""
+"""Pipeline stages of the DataModule: data-health counters, rank splitting, per-sample decoding, collation."""
 
 from __future__ import annotations
 
-import io
 import multiprocessing
-import random
 import signal
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
-from PIL import Image
 
+from epg.data.samples import decode_sample, shard_samples
 from epg.data.transforms import PretrainViews
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
+class DataHealth:
+    """Counts, over all worker processes, corrupt samples skipped and samples lost to damaged shards, and warns.
 
-class SkipCounter:
-    """WebDataset handler that skips a failing sample (or shard), counts it across worker processes and warns."""
+    Its :meth:`skip` is a WebDataset handler (skip the failing sample, count it, warn); :meth:`damaged` receives the
+    damage that :func:`epg.data.samples.shard_samples` finds and warns once per shard, over all workers and epochs
+    (a shared table of shard-name hashes; two damaged shards whose hashes collide share one warning).
+    """
+
+    WARNED_SLOTS = 1 << 16
 
     def __init__(self) -> None:
-        self._count = multiprocessing.Value("q", 0)
+        self._skipped = multiprocessing.Value("q", 0)
+        self._lost = multiprocessing.Value("q", 0)
+        self._warned = multiprocessing.Array("b", self.WARNED_SLOTS)
 
-    def __call__(self, exn: BaseException) -> bool:
-        with self._count.get_lock():
-            self._count.value += 1
-            count = self._count.value
+    def skip(self, exn: BaseException) -> bool:
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+            count = self._skipped.value
         warnings.warn(f"skipped a corrupt sample: {exn!r} ({count} skipped so far)", stacklevel=2)
         return True
 
+    def damaged(self, url: str, problem: str, lost: int | None) -> None:
+        with self._lost.get_lock():
+            self._lost.value += lost or 0
+        slot = zlib.crc32(url.encode()) % self.WARNED_SLOTS
+        with self._warned.get_lock():
+            first, self._warned[slot] = not self._warned[slot], 1
+        if first:
+            lost_text = f"{lost} samples lost" if lost is not None else "no record of its sample count"
+            warnings.warn(
+                f"damaged shard {url}: {problem} ({lost_text}); check with `epg prepare --verify` and repair it "
+                "by rerunning the `epg prepare` command that made it",
+                stacklevel=2,
+            )
+
     @property
-    def count(self) -> int:
-        """Samples or shards skipped so far, over all workers."""
-        return int(self._count.value)
+    def skipped(self) -> int:
+        """Corrupt samples (or unreadable shards) skipped so far, over all workers."""
+        return int(self._skipped.value)
+
+    @property
+    def lost(self) -> int:
+        """Samples lost to damaged shards so far (recorded count minus samples read), over all workers."""
+        return int(self._lost.value)
 
 
-def _stream_rng(seed: int, rank: int, tag: str, calls: int) -> random.Random:
-    """RNG of one data stream: explicit seed, offset by rank and worker; new draws every epoch.
+class ReadShards:
+    """Pipeline stage: {"url": shard} -> its samples, damage against the recorded counts reported to `health`."""
 
-    In a DataLoader worker, the worker seed comes from the loader's seeded generator (fresh per epoch and per worker);
-    in the main process (num_workers=0), `calls` counts the epochs.
-    """
-    info = torch.utils.data.get_worker_info()
-    base = f"worker{info.seed}" if info is not None else f"main{seed}-{rank}-{calls}"
-    return random.Random(f"{tag}-{base}")
+    def __init__(self, expected: dict[str, int], health: DataHealth) -> None:
+        self.expected, self.health = expected, health
 
-
-class ResampledShards(torch.utils.data.IterableDataset):
-    """Endless stream of {"url": shard} drawn with replacement, seeded per rank, worker and epoch."""
-
-    def __init__(self, urls: list[str], seed: int, rank: int) -> None:
-        super().__init__()
-        self.urls, self.seed, self.rank, self.calls = list(urls), seed, rank, 0
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        rng = _stream_rng(self.seed, self.rank, "shards", self.calls)
-        self.calls += 1
-        while True:
-            yield {"url": rng.choice(self.urls)}
-
-
-class SeededShuffle:
-    """Pipeline stage: shuffle buffer of `bufsize` samples with a seeded RNG (see `_stream_rng`)."""
-
-    def __init__(self, bufsize: int, seed: int, rank: int) -> None:
-        self.bufsize, self.seed, self.rank, self.calls = bufsize, seed, rank, 0
-
-    def __call__(self, source: Iterator) -> Iterator:
-        rng = _stream_rng(self.seed, self.rank, "samples", self.calls)
-        self.calls += 1
-        if self.bufsize <= 1:
-            yield from source
-            return
-        buffer: list = []
-        for sample in source:
-            if len(buffer) < self.bufsize:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(self.bufsize)
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
+    def __call__(self, source: Iterator[dict[str, str]]) -> Iterator[dict]:
+        for shard in source:
+            yield from shard_samples(shard["url"], self.expected.get(shard["url"]), self.health.damaged)
 
 
 def split_by_rank(source: Iterator, rank: int, world_size: int) -> Iterator:
     """wds.split_by_node with the rank fixed at set-up (from the Trainer), so it also holds in spawned workers."""
     yield from source if world_size == 1 else (x for i, x in enumerate(source) if i % world_size == rank)
-
-
-def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
-    """(RGB image, label) of a WebDataset sample with a png/jpg and a cls entry; raises on corrupt data."""
-    key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
-    if key is None or "cls" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')} lacks an image or a cls entry")
-    try:
-        with Image.open(io.BytesIO(sample[key])) as image:
-            image.load()
-            rgb = image.convert("RGB")
-        return rgb, int(sample["cls"])
-    except Exception as exc:
-        raise ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')}: {exc}") from exc
 
 
 class PretrainSample:
@@ -117,7 +89,10 @@ class PretrainSample:
 
 
 class LabelledSample:
-    """Sample -> (x, y), y replaced by the null label with probability `label_drop` (METHOD.md §4 step 1)."""
+    """Sample -> (x, y), y replaced by the null label with probability `label_drop` (METHOD.md §4 step 1).
+
+    The drop draws from torch's global RNG, like the transforms: the training stream seeds it per sample.
+    """
 
     def __init__(self, transform: Callable, label_drop: float = 0.0, null_label: int = 0) -> None:
         self.transform, self.label_drop, self.null_label = transform, label_drop, null_label

@@ -3,8 +3,10 @@
     epg prepare SRC OUT --resolution 256 [--split train|val] [--labels FILE] [--format png|jpg]
                         [--png-level 0] [--shard-size 1000] [--workers N]
     epg prepare demo OUT
+    epg prepare --verify OUT [--workers N]
 
-Rerunning the same command resumes: finished shards are kept, the rest are (re)written.
+Rerunning the same command resumes and repairs: a shard is kept only if it matches its record (sample count, size,
+sha256; kept in dataset.json), the rest are (re)written. --verify checks every shard and decodes every sample.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import random
+import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from epg.data.adm_crop import FORMATS, PNG_COMPRESS_LEVEL, adm_center_crop, encode_image, load_rgb
-from epg.data.shards import CLASSES_JSON, shard_name, write_json, write_metadata, write_shard
+from epg.data.samples import BrokenShard, tar_samples
+from epg.data.shards import (
+    CLASSES_JSON,
+    map_shards,
+    record_problem,
+    shard_name,
+    shard_record,
+    write_json,
+    write_metadata,
+    write_shard,
+)
 from epg.data.sources import (
     VAL_SOLUTION,
     Item,
@@ -34,6 +46,7 @@ from epg.data.sources import (
     scan_class_folders,
     scan_flat_with_labels,
 )
+from epg.data.verify import verify
 
 STATE_DIR = ".prepare"
 
@@ -123,6 +136,19 @@ def build_demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_verify_parser() -> argparse.ArgumentParser:
+    """Parser of `epg prepare --verify OUT`."""
+    parser = _Parser(
+        prog="epg prepare --verify",
+        description="Check every shard of OUT (a folder with dataset.json, or one whose sub-folders have one, such as "
+        "the demo's) against its record and decode every sample; one line per damaged shard, exit status 1 if any.",
+    )
+    parser.add_argument("--verify", action="store_true", required=True, help="verify instead of preparing")
+    parser.add_argument("out", type=Path, help="folder of the shards, or of their split folders")
+    parser.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1), help="processes")
+    return parser
+
+
 def read_class_list(path: Path) -> list[str]:
     """Classes in label order from a classes.json written by `epg prepare`, or one class per line of a text file."""
     if not path.is_file():
@@ -156,14 +182,49 @@ def _convert(items: list[Item], enc: Encoding, skipped: list[tuple[str, str]]) -
 
 
 def _write_one(task: tuple[int, Path, Path, list[Item], Encoding]) -> tuple[int, dict]:
-    """Write one shard, then its report (the report marks the shard as finished)."""
+    """Write one shard, then its report: its record, labels and skipped files (the report marks it finished)."""
     index, shard_path, report_path, items, enc = task
     skipped: list[tuple[str, str]] = []
-    written = write_shard(shard_path, _convert(items, enc, skipped))
+    record = write_shard(shard_path, _convert(items, enc, skipped))
     bad = {path for path, _ in skipped}
-    report = {"written": written, "labels": [it.label for it in items if it.path not in bad], "skipped": skipped}
+    report = {
+        "written": record["samples"],
+        "bytes": record["bytes"],
+        "sha256": record["sha256"],
+        "labels": [it.label for it in items if it.path not in bad],
+        "skipped": skipped,
+    }
     write_json(report_path, report)
     return index, report
+
+
+def _record(report: dict) -> dict:
+    """The shard record of a shard report."""
+    return {"samples": report["written"], "bytes": report["bytes"], "sha256": report["sha256"]}
+
+
+def _check_finished(task: tuple[int, Path, Path]) -> tuple[int, dict | None, str | None]:
+    """(index, report, None) if the shard matches its report's record (size, sha256), else (index, None, problem).
+
+    A report of an earlier version (no record) is adopted, and its record added, when the shard reads to its end
+    with the reported sample count.
+    """
+    index, shard_path, report_path = task
+    report = json.loads(report_path.read_text())
+    if "sha256" in report:
+        problem = record_problem(shard_path, _record(report))
+        return index, None if problem else report, problem
+    count = 0
+    try:
+        with open(shard_path, "rb") as stream:
+            count = sum(1 for _ in tar_samples(stream, str(shard_path)))
+    except BrokenShard as exc:
+        return index, None, f"tar stream {exc}"
+    if count != report["written"]:
+        return index, None, f"holds {count} of its {report['written']} reported samples"
+    report.update({k: v for k, v in shard_record(shard_path, count).items() if k != "samples"})
+    write_json(report_path, report)
+    return index, report, None
 
 
 def scan(
@@ -210,19 +271,9 @@ def _start_output(out: Path, split: str, state: dict) -> Path:
 def _run(tasks: list[tuple], workers: int, desc: str) -> Iterator[tuple[int, dict]]:
     """Write the shards of `tasks` in `workers` processes, with a progress bar over images."""
     with tqdm(total=sum(len(t[3]) for t in tasks), unit="img", desc=desc, dynamic_ncols=True) as bar:
-        if workers <= 1 or len(tasks) <= 1:
-            results: Iterator[tuple[int, dict]] = map(_write_one, tasks)
-            pool = None
-        else:
-            pool = multiprocessing.get_context().Pool(min(workers, len(tasks)))
-            results = pool.imap_unordered(_write_one, tasks)
-        try:
-            for i, report in results:
-                bar.update(report["written"] + len(report["skipped"]))
-                yield i, report
-        finally:
-            if pool is not None:
-                pool.terminate()
+        for i, report in map_shards(_write_one, tasks, workers):
+            bar.update(report["written"] + len(report["skipped"]))
+            yield i, report
 
 
 def prepare(
@@ -256,14 +307,20 @@ def prepare(
     state_dir = _start_output(out, split, state)
 
     shards = [shard_name(split, i) for i in range(len(chunks))]
+    done = [(i, out / name, state_dir / f"{name}.json") for i, name in enumerate(shards)]
+    done = [task for task in done if task[1].is_file() and task[2].is_file()]
     reports: dict[int, dict] = {}
-    tasks = []
-    for i, chunk in enumerate(chunks):
-        report_path = state_dir / f"{shards[i]}.json"
-        if (out / shards[i]).is_file() and report_path.is_file():
-            reports[i] = json.loads(report_path.read_text())
+    checks = map_shards(_check_finished, done, workers)
+    for i, report, problem in tqdm(checks, total=len(done), unit="shard", desc=f"check finished {split} shards"):
+        if report is not None:
+            reports[i] = report
         else:
-            tasks.append((i, out / shards[i], report_path, chunk, Encoding(resolution, fmt, png_level)))
+            print(f"{out / shards[i]}: {problem}: rewriting it", file=sys.stderr)
+    tasks = [
+        (i, out / shards[i], state_dir / f"{shards[i]}.json", chunk, Encoding(resolution, fmt, png_level))
+        for i, chunk in enumerate(chunks)
+        if i not in reports
+    ]
     kept = len(reports)
     reports.update(_run(tasks, workers, desc=f"epg prepare {split}"))
 
@@ -281,6 +338,8 @@ def prepare(
         counts,
         resolution,
         fmt,
+        {shards[i]: _record(report) for i, report in reports.items()},
+        prepare_command=_command(src, state, png_level, labels, classes_file, names_file),
         num_skipped=len(skipped),
         skipped_files=skipped,
         source=str(src.resolve()),
@@ -291,6 +350,18 @@ def prepare(
         print(f"skipped unreadable image {path} ({reason})", file=sys.stderr)
     _print_summary(info, len(tasks), kept, out)
     return info
+
+
+def _command(
+    src: Path, state: dict, png_level: int, labels: Path | None, classes_file: Path | None, names_file: Path | None
+) -> str:
+    """The `epg prepare` command of these settings, with ``{out}`` for the output folder (see repair_command)."""
+    options = ["--resolution", state["resolution"], "--split", state["split"], "--format", state["format"]]
+    options += ["--png-level", png_level, "--shard-size", state["shard_size"], "--seed", state["seed"]]
+    for flag, path in (("--labels", labels), ("--classes", classes_file), ("--names", names_file)):
+        if path is not None:
+            options += [flag, Path(path).resolve()]
+    return " ".join(["epg prepare", shlex.quote(str(src.resolve())), "{out}", *(shlex.quote(str(o)) for o in options)])
 
 
 def _print_summary(info: dict, written: int, kept: int, out: Path) -> None:
@@ -310,16 +381,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `epg prepare`; returns the exit code (2 for bad arguments or inputs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     demo = bool(argv) and argv[0] == "demo"
-    parser = build_demo_parser() if demo else build_parser()
+    checking = "--verify" in argv
+    parser = build_verify_parser() if checking else build_demo_parser() if demo else build_parser()
     try:
         args = parser.parse_args(argv[1:] if demo else argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
+        if checking:
+            return verify(args.out, args.workers)
         if demo:
             from epg.data.demo import prepare_demo
 
             info = prepare_demo(args.out)
+            for path, problem in info["repaired"]:
+                print(f"{path}: {problem}: rewritten", file=sys.stderr)
             print(f"demo shards: {info['train_shards']} and {info['val_shards']}")
             return 0
         prepare(

@@ -1,14 +1,19 @@
-"""Shard names, atomic shard/JSON writing, and shard-spec expansion shared by `epg prepare` and the DataModule."""
+"""Shard names, atomic shard/JSON writing, per-shard records, and shard-spec expansion (`epg prepare`, DataModule).
+
+A shard's record (in dataset.json under ``shard_records``, by file name) is its sample count, byte size and sha256.
+"""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
+import multiprocessing
 import os
+import shlex
 import tarfile
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,8 @@ import braceexpand
 
 DATASET_JSON = "dataset.json"
 CLASSES_JSON = "classes.json"
+RECORDS = "shard_records"
+MEMBER_MTIME = 0  # fixed member times: a shard's bytes depend only on its samples, so a rewrite has the same sha256
 _REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "hf://")
 
 
@@ -39,8 +46,8 @@ def write_json(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path: str | Path, samples: Iterable[tuple[str, str, bytes, int]]) -> int:
-    """Write (key, ext, image bytes, label) samples to a tar at `path` atomically; returns the sample count.
+def write_shard(path: str | Path, samples: Iterable[tuple[str, str, bytes, int]]) -> dict[str, Any]:
+    """Write (key, ext, image bytes, label) samples to a tar at `path` atomically; returns the shard's record.
 
     The tar is written under a temporary name and renamed when complete, so a final-named shard is never truncated.
     """
@@ -53,19 +60,61 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, str, bytes, int]]
                 _add_member(tar, f"{key}.{ext}", data)
                 _add_member(tar, f"{key}.cls", str(int(label)).encode())
                 count += 1
+        record = shard_record(tmp, count)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return count
+    return record
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mtime = int(time.time())
+    info.mtime = MEMBER_MTIME
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_record(path: str | Path, samples: int) -> dict[str, Any]:
+    """The record of the shard file `path` holding `samples` samples: its sample count, byte size and sha256."""
+    return {"samples": int(samples), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def record_problem(path: str | Path, record: dict[str, Any], content: bool = True) -> str | None:
+    """What is wrong with the shard file `path` against its record, or None: a stat, plus its sha256 with `content`."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "missing"
+    if size < record["bytes"]:
+        return f"truncated to {size:,} of {record['bytes']:,} bytes"
+    if size > record["bytes"]:
+        return f"{size:,} bytes where {record['bytes']:,} are recorded"
+    if content and file_sha256(path) != record["sha256"]:
+        return "contents differ from the record (sha256)"
+    return None
+
+
+def map_shards(fn: Callable[[Any], Any], items: list, workers: int) -> Iterator[Any]:
+    """``fn`` of each item (unordered), in up to `workers` processes; for per-shard work such as hashing."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    pool = multiprocessing.get_context().Pool(min(workers, len(items)))
+    try:
+        yield from pool.imap_unordered(fn, items)
+    finally:
+        pool.terminate()
 
 
 def is_remote(url: str) -> bool:
@@ -114,6 +163,39 @@ def read_class_counts(spec: str) -> list[int] | None:
     return [int(n) for n in info["class_counts"].values()]  # written in label order (write_metadata)
 
 
+def local_records(urls: list[str]) -> tuple[dict[str, dict], list[Path]]:
+    """Records of the local shards of `urls` from the dataset.json beside them, by URL; and the folders whose
+    dataset.json holds no records (shards of an earlier version). Remote shards and folders without one are skipped."""
+    records: dict[str, dict] = {}
+    unrecorded: list[Path] = []
+    by_folder: dict[Path, list[str]] = {}
+    for url in urls:
+        if not is_remote(url):
+            by_folder.setdefault(Path(url).parent, []).append(url)
+    for folder, members in by_folder.items():
+        path = folder / DATASET_JSON
+        if not path.is_file():
+            continue
+        recorded = json.loads(path.read_text()).get(RECORDS)
+        if recorded is None:
+            unrecorded.append(folder)
+            continue
+        records.update((url, recorded[name]) for url in members if (name := Path(url).name) in recorded)
+    return records, unrecorded
+
+
+def repair_command(folder: str | Path, info: dict | None = None) -> str:
+    """The `epg prepare` command that rewrites the damaged shards of `folder` (from its dataset.json)."""
+    folder = Path(folder)
+    if info is None:
+        path = folder / DATASET_JSON
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    template = info.get("prepare_command")
+    if not template:
+        return f"the `epg prepare` command that made {folder}"
+    return template.replace("{out}", shlex.quote(str(folder))).replace("{root}", shlex.quote(str(folder.parent)))
+
+
 def count_samples(urls: list[str]) -> int:
     """Samples in local tar shards, counted from their .cls members (no image decoding)."""
     total = 0
@@ -132,9 +214,14 @@ def write_metadata(
     class_counts: list[int],
     resolution: int,
     fmt: str,
+    records: dict[str, dict],
     **extra: Any,
 ) -> dict:
-    """Write classes.json and dataset.json for the shards of `split` in `out_dir`; returns the dataset info."""
+    """Write classes.json and dataset.json for the shards of `split` in `out_dir`; returns the dataset info.
+
+    `records` holds each shard's record by name; ``prepare_command`` in `extra` is the command that rewrites damaged
+    shards, with ``{out}`` (this folder) or ``{root}`` (its parent) for the paths (see :func:`repair_command`).
+    """
     out_dir = Path(out_dir)
     class_info: dict[str, Any] = {"num_classes": len(classes), "classes": {c: i for i, c in enumerate(classes)}}
     if names:
@@ -150,6 +237,7 @@ def write_metadata(
         "pattern": shard_pattern(split, len(shards)),
         "shards": shards,
         "class_counts": {c: int(n) for c, n in zip(classes, class_counts, strict=True)},
+        RECORDS: {name: records[name] for name in shards},
         **extra,
     }
     write_json(out_dir / DATASET_JSON, info)

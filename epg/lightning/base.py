@@ -7,13 +7,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from epg.lightning.faults import NonFiniteLossError, NonFiniteWatch
 from epg.nn.flops import train_flops_per_image
+from epg.seeding import seed_from
 
 # The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
 DEFAULT_MAX_SKIPS = 100  # skipped fp16 steps in a row before a stop (the scale has then halved 100 times)
@@ -23,8 +23,7 @@ PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "back
 
 def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch Generator whose seed is a hash of the integers ``key`` (e.g. seed, step, stream, rank)."""
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]) >> 1
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed_from(*key))
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:

@@ -34,9 +34,9 @@ class EPGCLI(LightningCLI):
       ``dirpath``: without one Lightning writes to a new ``version_N`` folder per run, where a rerun does not look.
       ``--ckpt_path null`` always starts afresh; ``--ckpt_path FILE`` picks a file.
       Model, optimizer, scheduler, grad scaler, EMA/target weights, update counters and the step-seeded noise draws
-      continue exactly; the data order continues exactly only for loaders that are deterministic per epoch and a
-      checkpoint on an epoch boundary, or for loaders with ``state_dict``/``load_state_dict`` (Lightning restores
-      them); the WebDataset stream of :class:`EPGDataModule` restarts with fresh draws (see tests/test_resume.py).
+      continue exactly; the data order continues exactly for loaders that are deterministic per epoch and a
+      checkpoint on an epoch boundary, or that resume mid-epoch themselves, as :class:`EPGDataModule`'s WebDataset
+      stream does (it starts at the Trainer's restored batch count; see epg/data/stream.py, tests/test_resume.py).
     - Checkpoints load with ``weights_only=True`` (plain tensors and Python types only).
     - Every Trainer gets :class:`AtomicCheckpointIO` (unless the config sets another CheckpointIO plugin) and
       :class:`SigtermCheckpoint` (SIGTERM saves ``last.ckpt`` at the next batch boundary and exits with status 0).
