@@ -51,6 +51,13 @@ def test_inception_convolutions_are_ieee_on_cuda_and_restored():
         conv.fp32_precision = before
 
 
+def _torch_loader(loader) -> torch.utils.data.DataLoader:
+    """The torch DataLoader a WebDataset loader wraps (``.pipeline`` of a WebLoader, ``.loader`` of a TrainLoader)."""
+    while not isinstance(loader, torch.utils.data.DataLoader):
+        loader = loader.loader if hasattr(loader, "loader") else next(iter(loader.pipeline))
+    return loader
+
+
 def test_loaders_pin_memory_when_cuda_is_available(tmp_path, monkeypatch):
     from epg.data.datamodule import EPGDataModule
     from epg.data.demo import prepare_demo
@@ -64,5 +71,4 @@ def test_loaders_pin_memory_when_cuda_is_available(tmp_path, monkeypatch):
         )  # fmt: skip
         dm.setup("fit")
         for loader in (dm.train_dataloader(), dm.val_dataloader()):
-            torch_loader = next(s for s in loader.pipeline if isinstance(s, torch.utils.data.DataLoader))  # WebLoader
-            assert torch_loader.pin_memory is cuda
+            assert _torch_loader(loader).pin_memory is cuda
