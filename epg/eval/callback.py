@@ -3,9 +3,10 @@
 The paper's sampling script computes a quick in-loop FID for ablations only (METHOD.md §8); this is ours. It runs
 every ``every_n_steps`` optimizer steps (in ``on_train_batch_end``, so it needs no validation loader and its
 cadence does not depend on ``val_check_interval``). Each rank samples the images i ≡ rank (mod world) of 0…K−1, each
-fixed by (seed, i), so the set does not depend on the number of devices. The ranks' Inception pool_3 features are
-gathered, and global rank 0 computes the FID against the cached reference statistics and broadcasts it. The same
-Inception and FID formula as `epg fid calc` are used (torch-fidelity's TF-compatible Inception-v3, offline weights).
+fixed by (seed, i), so the set does not depend on the number of devices, and feeds them to a torchmetrics FID
+(:class:`~epg.eval.reference_fid.ReferenceFID`) whose ``compute()`` sums the ranks' feature statistics and scores
+them against the cached reference statistics, the same value on every rank. The Inception is `epg fid calc`'s
+(torch-fidelity's TF-compatible Inception-v3, offline weights), and so is the FID up to round-off (≲ 1e-3).
 
 YAML (LightningCLI), cheap demo settings::
 
@@ -35,9 +36,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from epg.data.shards import read_class_counts
 from epg.eval.inception_weights import ensure_inception_weights
-from epg.eval.metrics import EvalInputError, InceptionFeatures
+from epg.eval.metrics import EvalInputError, InceptionFeatures, _ieee_convolutions
 from epg.eval.reference import ReferenceStats, compute_reference, load_reference
-from epg.eval.sweep import POOL_DIM, fid_to_reference, merge_rank_rows, pool_features, rank_indices, sample_images
+from epg.eval.reference_fid import ReferenceFID
+from epg.eval.sweep import rank_indices, sample_images
 from epg.sampling import SAMPLERS
 from epg.sampling.per_image import LABEL_MODES
 
@@ -122,7 +124,7 @@ class InLoopFID(Callback):
         self.grid_size = grid_size
         self.reference: ReferenceStats | None = None
         self.class_counts: list[int] | None = None
-        self._inception: InceptionFeatures | None = None
+        self.metric: ReferenceFID | None = None
         self._last_step = -1
 
     # ---- setup -------------------------------------------------------------------------------------------------
@@ -137,10 +139,12 @@ class InLoopFID(Callback):
         if trainer.local_rank == 0:
             ensure_inception_weights()  # offline conversion, once per machine
         trainer.strategy.barrier("InLoopFID.weights")
-        if trainer.is_global_zero:  # only rank 0 computes the FID, so only it needs the reference
-            inception = self._inception_on(trainer.strategy.root_device)  # the module is not moved there yet
+        self.metric = ReferenceFID().to(trainer.strategy.root_device)  # the module is not moved there yet
+        if trainer.is_global_zero:  # the metric's sync gives the reference to the other ranks
+            inception = InceptionFeatures(device=trainer.strategy.root_device)
             cache_dir = self.cache_dir or trainer.default_root_dir
             self.reference = cached_reference(self.reference_source, cache_dir, inception, self.batch_size)
+            self.metric.set_reference(self.reference.mu, self.reference.sigma, self.reference.count)
             size = pl_module.denoiser(self._network(pl_module)).image_size
             resolution = self.reference.resolution
             if resolution is not None and tuple(resolution) != (size, size):
@@ -175,11 +179,6 @@ class InLoopFID(Callback):
             )
         return ema_nets[self.ema_index]
 
-    def _inception_on(self, device: torch.device) -> InceptionFeatures:
-        if self._inception is None or self._inception.device != device:
-            self._inception = InceptionFeatures(device=device)
-        return self._inception
-
     # ---- evaluation --------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -190,7 +189,7 @@ class InLoopFID(Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        """Sample this rank's share, gather Inception features, log and return the FID (same on every rank)."""
+        """Sample this rank's share, score all ranks' samples, log and return the FID (the same on every rank)."""
         start = time.time()
         rank, world = trainer.global_rank, trainer.world_size
         indices = rank_indices(self.num_samples, rank, world)
@@ -213,14 +212,13 @@ class InLoopFID(Callback):
             )
         finally:
             net.train(was_training)
-        pool = torch.from_numpy(pool_features(images, self._inception_on(pl_module.device), self.batch_size))
-        if world > 1:
-            per_rank = math.ceil(self.num_samples / world)
-            padded = torch.zeros(per_rank, POOL_DIM, device=pl_module.device)
-            padded[: len(pool)] = pool.to(pl_module.device)
-            pool = merge_rank_rows(trainer.strategy.all_gather(padded), self.num_samples).cpu()
-        fid = fid_to_reference(pool.numpy(), self.reference) if trainer.is_global_zero else 0.0
-        fid = float(trainer.strategy.broadcast(fid, src=0))
+        metric = self.metric.to(pl_module.device)
+        with _ieee_convolutions(metric.device):
+            for first in range(0, len(images), self.batch_size):
+                batch = images[first : first + self.batch_size].permute(0, 3, 1, 2)
+                metric.update(batch.to(metric.device), real=False)
+        fid = float(metric.compute())  # a collective: every rank calls it, even one without images
+        metric.reset()
         self._log(trainer, fid, time.time() - start, images)
         return fid
 

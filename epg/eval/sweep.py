@@ -8,8 +8,8 @@ scored with every metric the reference allows. ``--labels both`` reports class-b
 that setting (METHOD.md §6.4: the 1.58 vs 1.70 question).
 
 FID of few samples is biased upwards (by roughly a constant for a fixed N), so use the sweep to rank settings, and
-quote only the final run. This module also holds the in-memory sampling and scoring shared with the in-loop FID
-callback (:mod:`epg.eval.callback`).
+quote only the final run. This module also holds the in-memory sampling shared with the in-loop FID callback
+(:mod:`epg.eval.callback`) and `epg demo`.
 """
 
 from __future__ import annotations
@@ -55,15 +55,6 @@ def rank_indices(num: int, rank: int = 0, world: int = 1) -> list[int]:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in 0…{world - 1}")
     return list(range(rank, num, world))
-
-
-def merge_rank_rows(gathered: torch.Tensor, num: int) -> torch.Tensor:
-    """Rows in image order from an all-gather (world, per_rank, ...) of rank_indices-ordered, end-padded rows."""
-    world, per_rank = gathered.shape[:2]
-    if world * per_rank < num:
-        raise ValueError(f"{world} ranks x {per_rank} rows cannot hold {num} images")
-    # Rank r's row j is image r + j·world, i.e. position j·world + r of the transposed stack; padding lands past num.
-    return gathered.transpose(0, 1).reshape(world * per_rank, *gathered.shape[2:])[:num]
 
 
 def sample_images(

@@ -6,20 +6,25 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from epg.nn.layers import Attention, LayerNorm32, Mlp, xavier_init_linears
+from epg.nn.layers import LayerNorm32, Mlp, make_attention, xavier_init_linears
 
 
 class DecoderBlock(nn.Module):
-    """Skip fusion LN_s(W_skip·[x; s]) followed by an adaLN-gated transformer block (METHOD.md §2.2)."""
+    """Skip fusion LN_s(W_skip·[x; s]) followed by an adaLN-gated transformer block (METHOD.md §2.2).
+
+    Built from timm's attention and MLP, but not on timm's ``Block``: that block has no adaLN modulation or skip
+    fusion, and its ``proj_drop`` would also drop inside and after the MLP, where the official decoder drops only
+    the attention output.
+    """
 
     def __init__(self, dim: int, enc_dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0) -> None:
         super().__init__()
         self.skip_linear = nn.Linear(dim + enc_dim, dim)
         self.skip_norm = nn.LayerNorm(dim)
         self.norm1 = LayerNorm32(dim, eps=1e-5)
-        self.attn = Attention(dim, num_heads, proj_drop=drop)
+        self.attn = make_attention(dim, num_heads, proj_drop=drop)
         self.norm2 = LayerNorm32(dim, eps=1e-5)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(enc_dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

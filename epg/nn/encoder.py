@@ -8,18 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from epg.nn.layers import Block, LayerNorm32, timestep_embedding, xavier_init_linears
-
-
-class PatchEmbed(nn.Module):
-    """Conv patchify, kernel = stride = p, 3 → D with bias (METHOD.md §2.1)."""
-
-    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+from epg.nn.layers import Block, LayerNorm32, PatchEmbed, timestep_embedding, xavier_init_linears
 
 
 class EPGEncoder(nn.Module):
@@ -45,7 +34,8 @@ class EPGEncoder(nn.Module):
         self.num_patches = (image_size // patch_size) ** 2
         self.num_prefix = num_cls_tokens + 1  # CLS tokens + the time token
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        # timm's conv patchify, kernel = stride = p, 3 → D with bias, tokens row by row (METHOD.md §2.1).
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, num_cls_tokens, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + self.num_prefix, dim))
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])

@@ -1,21 +1,37 @@
-"""Transformer building blocks shared by the encoder and decoder (METHOD.md §2.1–§2.2)."""
+"""Transformer building blocks shared by the encoder and decoder (METHOD.md §2.1–§2.2).
+
+The encoder's block and patch embedding, and the attention, MLP and fp32 LayerNorm of encoder and decoder, are timm's:
+with no qkv bias and a LayerNorm of eps 1e-5 they have the official state-dict keys and give the outputs of the
+layers they replaced bit for bit (tests/test_nn_layers.py keeps those as the reference). The decoder's adaLN block
+stays ours (epg/nn/decoder.py says why).
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
+from timm.layers import Attention, LayerNormFp32, Mlp, PatchEmbed
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
+__all__ = [
+    "Attention",
+    "Block",
+    "LayerNorm32",
+    "Mlp",
+    "PatchEmbed",
+    "make_attention",
+    "timestep_embedding",
+    "xavier_init_linears",
+]
 
-class LayerNorm32(nn.LayerNorm):
-    """Affine LayerNorm computed in fp32 that returns the input dtype (METHOD.md §2.1, §2.2)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+class LayerNorm32(LayerNormFp32):
+    """Affine LayerNorm computed in fp32 that returns the input dtype, eps 1e-5 (METHOD.md §2.1, §2.2)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__(dim, eps=eps, **kwargs)  # timm's default eps is 1e-6; the official model's is PyTorch's
 
 
 def timestep_embedding(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
@@ -27,53 +43,30 @@ def timestep_embedding(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through SDPA: no qkv bias, output projection with bias (METHOD.md §2.1)."""
-
-    def __init__(self, dim: int, num_heads: int, proj_drop: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-        # The decoder's only dropout sits on the attention output (METHOD.md §2.2, 0.5 for the CM).
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+def make_attention(dim: int, num_heads: int, proj_drop: float = 0.0) -> Attention:
+    """timm's multi-head self-attention: no qkv bias, output projection with bias, dropout after it (METHOD.md §2.1)."""
+    _check_heads(dim, num_heads)
+    return _always_sdpa(Attention(dim, num_heads, qkv_bias=False, proj_drop=proj_drop))
 
 
-class Mlp(nn.Module):
-    """Two-layer MLP with exact GELU, hidden width ratio·D (METHOD.md §2.1)."""
-
-    def __init__(self, dim: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block: x += MHA(LN(x)); x += MLP(LN(x)) (METHOD.md §2.1)."""
+class Block(TimmBlock):
+    """timm's pre-norm ViT block: x += MHA(LN(x)); x += MLP(LN(x)), fp32 LayerNorms, no dropout (METHOD.md §2.1)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm32(dim, eps=1e-5)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = LayerNorm32(dim, eps=1e-5)
-        self.mlp = Mlp(dim, mlp_ratio)
+        _check_heads(dim, num_heads)
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=False, norm_layer=LayerNorm32)
+        _always_sdpa(self.attn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+
+def _check_heads(dim: int, num_heads: int) -> None:
+    if dim % num_heads:
+        raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+
+
+def _always_sdpa(attn: Attention) -> Attention:
+    # timm picks SDPA or an explicit softmax from the TIMM_FUSED_ATTN environment variable; keep SDPA.
+    attn.fused_attn = True
+    return attn
 
 
 def xavier_init_linears(module: nn.Module, split_qkv: bool = False) -> None:
