@@ -56,7 +56,6 @@ data:
   val_batch_size: 8
   num_workers: 0
   samples_per_epoch: 64
-  seed: 7  # the model's seed is 1234: both are logged (data/seed), no "Error while merging hparams"
   normalization: simple  # the model's follows (linked)
 """
 
@@ -112,14 +111,15 @@ def test_modules_by_name_typed_network_int_batch_limits_and_no_auto_optimizer(ca
 
 def test_run_folder_resume_rules_and_changed_lr(tmp_path, demo_data, capsys, caplog, recwarn):  # noqa: F811
     root = tmp_path / "run"
-    config = str(write(tmp_path / "fit.yaml", root, demo_data))
+    # The model's seed is 1234: both seeds are kept (data/seed in the logs), no "Error while merging hparams".
+    config = [str(write(tmp_path / "fit.yaml", root, demo_data)), "--data.seed", "7"]
     for command in ("validate", "test", "predict"):  # no checkpoint yet: one line, not freshly initialised weights
-        assert main([command, "-c", config]) == 2
+        assert main([command, "-c", *config]) == 2
         assert last_line(capsys.readouterr().err) == (
             f"epg {command}: ckpt_path: no checkpoint of this run in {root}/checkpoints: train it first (epg fit "
             "with the same config) or pass --ckpt_path FILE"
         )
-    assert main(["fit", "-c", config]) == 0  # trainer.max_steps follows total_steps (2)
+    assert main(["fit", "-c", *config]) == 0  # trainer.max_steps follows total_steps (2)
     ckpt = load(root / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["normalization"] == "simple"  # linked to the data's
     assert ckpt["datamodule_hyper_parameters"]["seed"] == 7 and ckpt["hyper_parameters"]["seed"] == 1234
@@ -129,7 +129,7 @@ def test_run_folder_resume_rules_and_changed_lr(tmp_path, demo_data, capsys, cap
 
     # A changed lr (or total_steps) stops the resume, naming old and new values ...
     changed = ["--model.init_args.lr", "2e-3", "--model.init_args.total_steps", "6", "--trainer.max_steps", "4"]
-    assert main(["fit", "-c", config, *changed]) == 2
+    assert main(["fit", "-c", *config, *changed]) == 2
     assert last_line(capsys.readouterr().err) == (
         f"epg fit: ckpt_path: {root}/checkpoints/last.ckpt was trained with other hyper-parameters: "
         "model.init_args.lr 0.001 -> 0.002; model.init_args.total_steps 2 -> 6; pass --accept_changed_hparams to "
@@ -137,12 +137,12 @@ def test_run_folder_resume_rules_and_changed_lr(tmp_path, demo_data, capsys, cap
     )
     # ... a network change even with the option ...
     wider = ["--model.init_args.network.dec_dim", "64", "--accept_changed_hparams"]
-    assert main(["fit", "-c", config, *changed, *wider]) == 2
+    assert main(["fit", "-c", *config, *changed, *wider]) == 2
     assert "holds another network or stage than the config: model.init_args.network.dec_dim 32 -> 64" in (
         capsys.readouterr().err
     )
     # ... and with it the new values take effect: the optimizer steps with the new lr from the first resumed step.
-    assert main(["fit", "-c", config, *changed, "--accept_changed_hparams"]) == 0
+    assert main(["fit", "-c", *config, *changed, "--accept_changed_hparams"]) == 0
     assert "with changed hyper-parameters (--accept_changed_hparams): model.init_args.lr 0.001 -> 0.002" in (
         caplog.text
     )
@@ -163,11 +163,11 @@ def test_run_folder_resume_rules_and_changed_lr(tmp_path, demo_data, capsys, cap
     )
 
     # validate without --ckpt_path scores the run's last checkpoint.
-    assert main(["validate", "-c", config, *changed]) == 0
+    assert main(["validate", "-c", *config, *changed]) == 0
     assert f"epg validate: {root}/checkpoints/last.ckpt (--ckpt_path last)" in caplog.text
     # Another run folder is another run: nothing is resumed from (or written to) the first.
     other = tmp_path / "other"
-    assert main(["fit", "-c", config, "--trainer.default_root_dir", str(other)]) == 0
+    assert main(["fit", "-c", *config, "--trainer.default_root_dir", str(other)]) == 0
     assert f"no last checkpoint in {other}/checkpoints: starting at step 0" in caplog.text
     assert load(other / "checkpoints" / "last.ckpt")["global_step"] == 2
     assert load(root / "checkpoints" / "last.ckpt")["global_step"] == 4
