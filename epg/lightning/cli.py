@@ -168,8 +168,8 @@ class EPGCLI(LightningCLI):
         self._checkpoint, self._accepted, meta = None, [], {}
         if subcommand in ("fit", *CHECKPOINT_SUBCOMMANDS):
             cfg.ckpt_path = self._checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), trainer, subcommand)
-            if self._checkpoint == "last":  # no checkpoint folder in the config: Lightning searches
-                self._checkpoint = None
+            if self._checkpoint in ("last", "best", "hpc") or str(self._checkpoint).startswith("registry"):
+                self._checkpoint = None  # resolved by the Trainer (last: no checkpoint folder in the config)
             if self._checkpoint and not is_remote(str(self._checkpoint)):
                 meta = read_checkpoint_meta(self._checkpoint)
         explicit = network = _network_dict(args.get("network"))
@@ -378,8 +378,8 @@ def find_last_checkpoint(folders: list[str], root: str | None) -> str | None:
 def resolve_checkpoint(ckpt_path: str | None, trainer: Namespace, subcommand: str) -> str | None:
     """The checkpoint a subcommand loads: ``last`` becomes the run's last checkpoint (``fit``: None when there is
     none, so that it starts at step 0; ``validate``/``test``/``predict``: a :class:`ConfigError`)."""
-    if ckpt_path is None:
-        return None
+    if ckpt_path is None or str(ckpt_path) in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return ckpt_path  # Lightning's own choices, resolved by the Trainer
     if ckpt_path != "last":
         if not is_remote(str(ckpt_path)) and not os.path.exists(ckpt_path):
             raise ConfigError("ckpt_path", f"{ckpt_path} does not exist")
