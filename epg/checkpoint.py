@@ -25,7 +25,7 @@ import torch
 from epg.method.denoiser import Denoiser
 from epg.nn.network import EPGNetwork, build_network
 from epg.nn.official import load_into, load_official_network
-from epg.nn.presets import EPGConfig
+from epg.nn.presets import EPGConfig, get_config
 
 NETWORK_FILE_VERSION = 1
 
@@ -102,23 +102,55 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_hyper_parameters(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(module, datamodule) hyper-parameters of a checkpoint without reading its weights; ({}, {}) when it has none.
-
-    A file is memory-mapped, so only the small dicts are read; a sharded folder keeps them in its ``meta.pt``.
-    """
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's dict without reading its weights ({} when there is none): a file is memory-mapped, so only
+    what is accessed is read; a sharded folder keeps everything but the shards in its ``meta.pt``."""
     path = Path(path)
     if path.is_dir():
         path = path / "meta.pt"
     if not path.is_file():
-        return {}, {}
+        return {}
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a legacy (non-zip) file cannot be mapped
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict):
-        return {}, {}
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def read_hyper_parameters(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(module, datamodule) hyper-parameters of a checkpoint without reading its weights; ({}, {}) when it has none."""
+    ckpt = read_checkpoint_meta(path)
     return dict(ckpt.get("hyper_parameters") or {}), dict(ckpt.get("datamodule_hyper_parameters") or {})
+
+
+# The sampler each objective needs when none is named: Heun for the diffusion model (METHOD.md §6.1), the
+# 1-step consistency sampler for the consistency model (§6.5).
+OBJECTIVE_SAMPLERS = {"diffusion": "heun", "consistency": "consistency"}
+
+
+def checkpoint_objective(path: str | os.PathLike, parameterization: str | None = None) -> str:
+    """ "diffusion" or "consistency": what a FinetuneModule checkpoint records, or what an EPG network file's (or
+    the ``parameterization`` given for an official file) output form means ("edm" is the consistency model's)."""
+    ckpt = read_checkpoint_meta(path)
+    if parameterization is None and "pytorch-lightning_version" in ckpt:
+        return (ckpt.get("hyper_parameters") or {}).get("objective", "diffusion")
+    if parameterization is None and ckpt.get("epg_network_file"):
+        parameterization = ckpt.get("parameterization")
+    return "consistency" if parameterization == "edm" else "diffusion"
+
+
+def default_sampler(path: str | os.PathLike, parameterization: str | None = None) -> str:
+    """The sampler a checkpoint's objective needs (:data:`OBJECTIVE_SAMPLERS`), read without its weights."""
+    return OBJECTIVE_SAMPLERS[checkpoint_objective(path, parameterization)]
+
+
+def stage1_config(path: str | os.PathLike, preset: str | None = None) -> EPGConfig | None:
+    """The architecture of a stage-1 file without reading its weights: a PretrainModule checkpoint's ``preset`` and
+    ``network`` hyper-parameters, else (an official RCM file) ``preset``; None when neither says."""
+    hp = read_hyper_parameters(path)[0]
+    if "preset" in hp:
+        return get_config(hp["preset"], **(hp.get("network") or {}))
+    return get_config(preset) if preset else None
 
 
 def load_denoiser(

@@ -81,9 +81,14 @@ def checkpoint_every(steps: int, every: int) -> int:
     return max(d for d in range(1, min(every, steps) + 1) if steps % d == 0)
 
 
+def run_length(cfg: dict) -> int:
+    """A config's steps: its ``trainer.max_steps``, which defaults to the model's ``total_steps``."""
+    return int(cfg["trainer"].get("max_steps") or cfg["model"]["init_args"]["total_steps"])
+
+
 def schedule_args(cfg: dict, steps: int) -> list[str]:
     """Overrides that rescale a config's step-valued schedule (warm-up, LR steps, ECT stages) to ``steps``."""
-    init, planned = cfg["model"]["init_args"], int(cfg["trainer"]["max_steps"])
+    init, planned = cfg["model"]["init_args"], run_length(cfg)
     scale = steps / planned
     args = []
     for key in ("warmup_steps", "ect_d0", "ect_d1"):
@@ -110,8 +115,7 @@ def fit_args(
     """`epg fit` arguments that point a demo config at ``run_dir``/``data_dir`` and set its length."""
     args = ["-c", str(config), "--trainer.max_steps", str(steps), "--model.init_args.total_steps", str(steps)]
     args += schedule_args(_load_yaml(config), steps)
-    args += ["--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)]
-    args += ["--trainer.callbacks.init_args.dirpath", str(run_dir / "checkpoints")]
+    args += ["--trainer.default_root_dir", str(run_dir)]  # the checkpoints and TensorBoard logs go in it
     args += ["--data.train_shards", str(data_dir / "train"), "--data.val_shards", str(data_dir / "val")]
     if batch_size is not None:
         args += ["--data.global_batch_size", str(batch_size), "--data.val_batch_size", str(batch_size)]
@@ -329,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for data, checkpoints, logs, samples, summary.json (runs/demo, runs/demo_gpu)")
     p.add_argument("--fresh", action="store_true", help="retrain both stages even when their checkpoints exist")
     p.add_argument("--config-dir", help="folder with pretrain.yaml, finetune_dm.yaml, finetune_cm.yaml and gpu/")
-    p.add_argument("--pretrain-steps", type=int, help="stage-1 steps (default: the config's trainer.max_steps)")
-    p.add_argument("--finetune-steps", type=int, help="stage-2 steps (default: the config's trainer.max_steps)")
+    p.add_argument("--pretrain-steps", type=int, help="stage-1 steps (default: the config's total_steps)")
+    p.add_argument("--finetune-steps", type=int, help="stage-2 steps (default: the config's total_steps)")
     p.add_argument("--fid-samples", type=int, help="class-balanced samples for FID and accuracy (cpu 500)")
     p.add_argument("--fid-ref", type=int, help="val digits in the FID reference (at most 500; default all)")
     p.add_argument("--threads", type=int, help="torch threads of each step (default: all cores, at most 8 on cpu)")
@@ -365,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise SystemExit(f"epg demo: no config {path}; run from the repository root or pass --config-dir")
     pre, ft = _load_yaml(pre_cfg), _load_yaml(ft_cfg)
-    pre_steps = opts.pretrain_steps or int(pre["trainer"]["max_steps"])
-    ft_steps = opts.finetune_steps or int(ft["trainer"]["max_steps"])
+    pre_steps = opts.pretrain_steps or run_length(pre)
+    ft_steps = opts.finetune_steps or run_length(ft)
     data_dir, pre_dir = out / "data", out / "pretrain"
     ft_dir = out / OBJECTIVES[opts.objective]
     timings: dict[str, float] = {}

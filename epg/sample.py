@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from epg.checkpoint import load_denoiser, read_hyper_parameters
+from epg.checkpoint import default_sampler, load_denoiser, read_hyper_parameters
 from epg.data.shards import read_class_counts
 from epg.method.normalization import to_uint8
 from epg.sampling import SAMPLERS, Guidance, default_steps, sample
@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", default="0", help="EMA copy index of a Lightning checkpoint, or 'none' for online weights")
     p.add_argument("--preset", help="architecture of an official checkpoint, e.g. EPG-XL/16")
     p.add_argument("--parameterization", choices=("x0", "edm"), help="override the checkpoint's output form")
-    p.add_argument("--sampler", default="heun", choices=sorted(SAMPLERS))
+    p.add_argument(
+        "--sampler",
+        choices=sorted(SAMPLERS),
+        help="default: what the checkpoint's objective needs (heun for a diffusion, consistency for a consistency "
+        "model)",
+    )
     p.add_argument("--steps", type=int, help="grid levels (default: heun 32, euler 50, stochastic 32, consistency 1)")
     p.add_argument("--append-zero", action="store_true", help="EDM form: append σ = 0, final Euler step (75 NFE)")
     p.add_argument("--s-churn", type=float, help="stochastic sampler: S_churn (default 40)")
@@ -225,6 +230,7 @@ def _launch(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """Run `epg sample`."""
     args = build_parser().parse_args(argv)
+    args.sampler = args.sampler or default_sampler(args.checkpoint, args.parameterization)
     _check_args(args)
     args.steps = args.steps or default_steps(args.sampler)
     fabric, rank, world, device = _launch(args)

@@ -36,12 +36,12 @@ def nano_network(seed: int) -> torch.nn.Module:
     return net.eval()
 
 
-def write_lightning_checkpoint(path, rates=RATES) -> None:
+def write_lightning_checkpoint(path, rates=RATES, objective: str = "diffusion") -> None:
     """A FinetuneModule-layout checkpoint (the contract of epg.checkpoint) with one EMA copy per rate."""
     state = {f"net.{k}": v for k, v in nano_network(0).state_dict().items()}
     for i in range(len(rates)):
         state |= {f"ema_nets.{i}.{k}": v for k, v in nano_network(i + 1).state_dict().items()}
-    hparams = {"preset": NANO, "ema_rates": list(rates), "objective": "diffusion", "normalization": "imagenet"}
+    hparams = {"preset": NANO, "ema_rates": list(rates), "objective": objective, "normalization": "imagenet"}
     torch.save({"pytorch-lightning_version": "2.6.0", "hyper_parameters": hparams, "state_dict": state}, path)
 
 
@@ -125,6 +125,14 @@ def test_sweep_table_json_plot_and_resume(files, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "sweep.json").read_text())["rows"] == rows
     assert main([*args, "--seed", "1"]) == 2
     assert "different settings (seed)" in capsys.readouterr().err
+
+
+def test_sweep_of_a_consistency_checkpoint_defaults_to_its_one_step_sampler(files, tmp_path):
+    write_lightning_checkpoint(tmp_path / "cm.ckpt", rates=[0.5], objective="consistency")
+    args = ["sweep", str(tmp_path / "cm.ckpt"), "--ref", str(files / "ref.npz"), "--scales", "1.0", "--ema", "0"]
+    assert main([*args, "--num", "2", "--device", "cpu", "--out", str(tmp_path / "sweep")]) == 0
+    settings = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["settings"]
+    assert (settings["sampler"], settings["steps"]) == ("consistency", 1)  # not Heun-32
 
 
 def test_sweep_refuses_a_reference_at_another_resolution(files, tmp_path, capsys):

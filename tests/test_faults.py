@@ -196,8 +196,8 @@ def test_epg_cli_prints_one_line_errors(monkeypatch, capsys):
 def test_bad_configs_end_with_one_line_errors(tmp_path, demo_data):  # noqa: F811
     """`python -m epg.cli fit -c ...` with each bad value: exit status 2, one line naming the option, no traceback."""
     config = write_config(tmp_path / "fit.yaml", tmp_path / "run", demo_data)
-    stage1 = tmp_path / "t4.ckpt"
-    write_stage1(stage1, preset="EPG-T/4")  # a 128-wide encoder for the 32-wide EPG-Nano/4
+    stage1 = tmp_path / "wide.ckpt"
+    write_stage1(stage1, network={"enc_dim": 64})  # a 64-wide encoder where the config says 32
     cases = {
         "unknown preset": (
             ["--model.init_args.preset", "EPG-Q/16"],
@@ -212,7 +212,7 @@ def test_bad_configs_end_with_one_line_errors(tmp_path, demo_data):  # noqa: F81
             f"epg fit: data.train_shards: shard {tmp_path / 'missing' / 'train-000000.tar'} (from",
         ),
         "stage-1 shape": (
-            ["--model.init_args.init_from", str(stage1)],
+            ["--model.init_args.init_from", str(stage1), "--model.init_args.network.enc_dim", "32"],
             f"epg fit: model.init_args.init_from: the stage-1 encoder in {stage1} does not fit preset EPG-Nano/4",
         ),
     }
@@ -238,7 +238,8 @@ def test_bad_configs_end_with_one_line_errors(tmp_path, demo_data):  # noqa: F81
 def test_datamodule_setup_errors_name_the_option(tmp_path, demo_data, capsys):  # noqa: F811
     """Errors of EPGDataModule.setup (raised inside trainer.fit) also end as one line naming the data option."""
     config = write_config(tmp_path / "fit.yaml", tmp_path / "run", demo_data)
-    assert cli.main(["fit", "-c", str(config), "--data.num_classes", "5"]) == 2
+    classes = ["--data.num_classes", "5", "--model.init_args.network.num_classes", "5"]  # model and data agree
+    assert cli.main(["fit", "-c", str(config), *classes]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == "epg fit: data.num_classes: the shards hold 10 classes but num_classes is 5; set num_classes: 10"
 

@@ -6,17 +6,15 @@ In-process, without a process group; the 2-rank FSDP2 save over an existing ``la
 from __future__ import annotations
 
 import os
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 import epg.lightning.faults as faults
 from epg.checkpoint import read_checkpoint
-from epg.lightning.cli import EPGCLI
+from epg.lightning.cli import find_last_checkpoint
 from epg.lightning.faults import AtomicModelParallelStrategy, recover_interrupted_swap, swap_in_folder, swap_names
 
 
@@ -43,7 +41,7 @@ def test_hidden_names_never_match_the_last_checkpoint_search(tmp_path):
     tmp, old = swap_names(tmp_path / "last.ckpt")
     assert (tmp.name, old.name) == (".last.ckpt.tmp", ".last.ckpt.old")
     assert tmp.parent == old.parent == tmp_path
-    for name in (tmp.name, old.name):  # EPGCLI.before_fit's filter, and a shell/pathlib glob
+    for name in (tmp.name, old.name):  # find_last_checkpoint's filter, and a shell/pathlib glob
         assert not (name.startswith("last") and name.endswith(".ckpt"))
     make_folder(tmp)
     make_folder(old)
@@ -140,24 +138,16 @@ def test_read_checkpoint_renames_back_an_interrupted_swap(tmp_path):
         read_checkpoint(tmp_path / "missing.ckpt")
 
 
-def test_before_fit_recovers_last_then_resumes_from_it(tmp_path):
+def test_last_checkpoint_search_recovers_last_then_resumes_from_it(tmp_path):
     folder = tmp_path / "ckpts"
     make_folder(swap_names(folder / "last.ckpt")[1], **{"meta.pt": "old"})
     make_folder(swap_names(folder / "last.ckpt")[0], **{"meta.pt": "half"})
-    cli = types.SimpleNamespace(
-        config_init={"fit": {"ckpt_path": "last"}},
-        trainer=types.SimpleNamespace(callbacks=[ModelCheckpoint(dirpath=folder)], default_root_dir=str(tmp_path)),
-    )
-    EPGCLI.before_fit(cli)
-    assert cli.config_init["fit"]["ckpt_path"] == str(folder / "last.ckpt")
+    assert find_last_checkpoint([str(folder)], str(tmp_path)) == str(folder / "last.ckpt")
     assert siblings(folder) == ["last.ckpt"] and contents(folder / "last.ckpt") == {"meta.pt": "old"}
     # Only a half-written .tmp (killed during the very first save): nothing to resume from.
     other = tmp_path / "other"
     make_folder(swap_names(other / "last.ckpt")[0], **{"meta.pt": "half"})
-    cli.config_init["fit"]["ckpt_path"] = "last"
-    cli.trainer.callbacks = [ModelCheckpoint(dirpath=other)]
-    EPGCLI.before_fit(cli)
-    assert cli.config_init["fit"]["ckpt_path"] is None and siblings(other) == []
+    assert find_last_checkpoint([str(other)], str(tmp_path)) is None and siblings(other) == []
 
 
 # ---- the strategy, with the parent's sharded save replaced by a fake ---------------------------------------------

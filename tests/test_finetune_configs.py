@@ -32,8 +32,10 @@ def test_config_options_exist_and_paths_are_relative(name):
     assert set(model["init_args"]) <= set(inspect.signature(FinetuneModule).parameters)
     assert set(cfg["data"]) <= set(inspect.signature(EPGDataModule).parameters)
     assert not [s for s in strings(cfg) if s.startswith("/")]
-    args = model["init_args"]
-    assert cfg["data"]["image_size"] == get_config(args["preset"], **(args.get("network") or {})).image_size
+    # Given once: the image size and classes by the model (the data follows), the run folder by default_root_dir,
+    # the run's length by total_steps, the normalization by the data (the model's is linked to it).
+    assert not {"image_size", "num_classes"} & set(cfg["data"]) and "normalization" not in model["init_args"]
+    assert not {"max_steps", "logger"} & set(cfg["trainer"]) and "dirpath" not in str(cfg["trainer"]["callbacks"])
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -41,7 +43,8 @@ def test_paper_rows_keep_the_paper_recipe(name):
     cfg = load(ROOT / "configs" / "finetune" / name)
     preset, objective, res = PAPER[name]
     args, data = cfg["model"]["init_args"], cfg["data"]
-    assert (args["preset"], args["objective"], data["image_size"]) == (preset, objective, res)
+    image_size = get_config(args["preset"], **(args.get("network") or {})).image_size
+    assert (args["preset"], args["objective"], image_size) == (preset, objective, res)
     assert (args["lr"], args["warmup_steps"], args["ema_rates"]) == (1e-4, 10_000, [0.9999])
     assert (data["global_batch_size"], data["normalization"]) == (1024, "imagenet")
     strategy = cfg["trainer"]["strategy"]
@@ -60,7 +63,7 @@ def test_paper_rows_keep_the_paper_recipe(name):
         assert (args["lr_milestones"], args["lr_factors"]) == ([400_000, 500_000], [0.3, 0.08])
         assert (args["huber_c"], args["aux_weight"], args["aux_tau"]) == (0.06, 1.0, 0.1)
         assert args.get("ect_weighting", "inverse_gap") == "inverse_gap"  # 1/(t′ − r′), §5.4
-        assert (args["ect_d0"], args["ect_d1"], args["ect_delta"], cfg["trainer"]["max_steps"]) == (
+        assert (args["ect_d0"], args["ect_d1"], args["ect_delta"], args["total_steps"]) == (
             100_000, 100_000, 1, 700_000)  # fmt: skip
 
 
@@ -76,8 +79,7 @@ def test_demo_config_runs_through_epg_fit(tmp_path, monkeypatch, name):
     prepare_demo("runs/demo/data")
     Path("runs/demo/pretrain/checkpoints").mkdir(parents=True)
     args = load(ROOT / "configs" / "demo" / name)["model"]["init_args"]
-    write_stage1("runs/demo/pretrain/checkpoints/last.ckpt", preset=args["preset"], network=args.get("network"))
-    # limit_val_batches=1 would read as 1.0 = all batches.
+    write_stage1("runs/demo/pretrain/checkpoints/last.ckpt", preset=args["preset"], network={"image_size": 16})
     overrides = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
     overrides += ["--model.val_sigmas=[0.5]"]
     overrides += ["--data.global_batch_size=8", "--data.val_batch_size=8", "--data.num_workers=0"]
@@ -87,4 +89,5 @@ def test_demo_config_runs_through_epg_fit(tmp_path, monkeypatch, name):
     loaded = load_denoiser(f"runs/demo/{run}/checkpoints/last.ckpt", ema=0)
     assert loaded.weights == f"ema:{args['ema_rates'][0]}"
     assert loaded.denoiser.parameterization == ("x0" if "dm" in name else "edm")
-    assert list(Path(f"runs/demo/{run}/tb").rglob("events.out.tfevents.*"))
+    assert loaded.denoiser.image_size == 16  # the encoder's shape came from the stage-1 file
+    assert list(Path(f"runs/demo/{run}/lightning_logs").rglob("events.out.tfevents.*"))

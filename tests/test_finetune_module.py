@@ -81,7 +81,21 @@ def test_mismatched_stage1_names_the_keys(tmp_path):
     path = tmp_path / "tiny.ckpt"
     write_stage1(path, preset="EPG-T/4")
     with pytest.raises(CheckpointMismatchError, match="pos_embed"):
-        make(str(path))
+        make(str(path), network={"enc_dim": 32})  # a width set in the config that is not the stage-1 encoder's
+
+
+def test_encoder_shape_comes_from_the_stage1_file(tmp_path):
+    """Nothing of the encoder is retyped: the EPG-T/4 stage-1 file gives a Nano stage 2 its 32-px, 4 x 128 encoder
+    (and the decoder depth), and the hyper-parameters record what was taken, so a checkpoint rebuilds the network."""
+    path = tmp_path / "t4.ckpt"
+    pre = write_stage1(path, preset="EPG-T/4")
+    m = make(str(path), "consistency", network={"drop": 0.5})
+    cfg = m.net.config
+    assert (cfg.image_size, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, cfg.dec_depth) == (32, 128, 4, 4, 4)
+    assert (cfg.dec_dim, cfg.drop) == (32, 0.5)  # the preset's decoder width and the config's dropout stay
+    assert m.hparams.network == {"drop": 0.5, "image_size": 32, "enc_dim": 128, "enc_depth": 4, "enc_heads": 4,
+                                 "proj_hidden": 512, "proj_out": 128, "dec_depth": 4}  # fmt: skip
+    assert _equal_states(m.net.encoder, pre.online.encoder) and _equal_states(m.aux_net, pre.online)
 
 
 def test_bad_options_are_rejected(stage1):

@@ -81,18 +81,22 @@ def assert_same_run(ref: dict, got: dict) -> None:
     assert got["lr"] == ref["lr"]
 
 
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+
+
 def interrupt(run: subprocess.Popen, how: str, folder: Path, step: int, log: Path) -> int:
-    """Send SIGKILL or SIGTERM once a checkpoint of ``step`` exists; check the exit; return last.ckpt's step."""
+    """Send SIGKILL, SIGTERM or SIGINT (Ctrl-C) once a checkpoint of ``step`` exists; check the exit; return
+    last.ckpt's step."""
     seen = wait_for_step(run, folder, step, log)
-    os.killpg(run.pid, signal.SIGKILL if how == "kill" else signal.SIGTERM)  # every process, as SLURM does
+    os.killpg(run.pid, SIGNALS[how])  # every process, as SLURM (or a terminal's Ctrl-C) does
     code = finish(run, log)
     last = load(folder / "last.ckpt")["global_step"]  # loadable even when the kill hit a save
     if how == "kill":
         assert code == -signal.SIGKILL
         assert last >= seen - 1  # last.ckpt is written just after step=N.ckpt
-    else:  # SIGTERM: last.ckpt at the step where it stopped, exit status 0
-        assert code == 0, log.read_text()[-3000:]
-        assert "SIGTERM: saved" in log.read_text() and last >= seen
+    else:  # SIGTERM / Ctrl-C: last.ckpt at the step where it stopped, exit status 0 / 130
+        assert code == (0 if how == "term" else 130), log.read_text()[-3000:]
+        assert f"{'SIGTERM' if how == 'term' else 'Ctrl-C'}: saved" in log.read_text() and last >= seen
     return last
 
 
@@ -231,3 +235,14 @@ def test_epg_fit_interrupted_then_rerun_is_exact(tmp_path, demo_data, stage, sig
     assert got["global_step"] == STEPS
     assert_same_run(ref_state, got)
     assert not list(folder.glob("*.tmp"))
+
+
+def test_ctrl_c_saves_like_sigterm(tmp_path, demo_data):
+    """Ctrl-C during `epg fit` (SIGINT to the process group, as a terminal sends it, DataLoader worker included):
+    last.ckpt at the step where it stopped, exit status 130 and no traceback."""
+    log = tmp_path / "run.log"
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", demo_data, steps=STEPS, delay=0.3, workers=1)
+    step = interrupt(
+        start(["-m", "epg.cli", "fit", "-c", str(config)], log), "int", tmp_path / "run" / "checkpoints", 2, log
+    )
+    assert step < STEPS and "Traceback" not in log.read_text()

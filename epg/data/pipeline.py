@@ -113,11 +113,13 @@ def collate(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
 
 
 def ignore_sigterm(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM, so that a pre-emption can finish its checkpoint.
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT, so that a pre-emption or a Ctrl-C can
+    finish its checkpoint.
 
-    SLURM (and ``kill`` of the process group) signals every process; PyTorch's workers die on a SIGTERM from anyone
-    but their parent, and the main process then fails with "DataLoader worker ... is killed by signal" before
-    :class:`SigtermCheckpoint` can save. Ignoring it is safe: workers still exit when the loader shuts them down or
-    their parent dies.
+    SLURM (and ``kill`` of the process group) signals every process, as a terminal's Ctrl-C does; PyTorch's workers
+    die on a SIGTERM from anyone but their parent (and end on a SIGINT), and the main process then fails with
+    "DataLoader worker ... exited unexpectedly" before :class:`SigtermCheckpoint` can save. Ignoring them is safe:
+    workers still exit when the loader shuts them down or their parent dies.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from epg.checkpoint import load_denoiser, read_hyper_parameters
+from epg.checkpoint import default_sampler, load_denoiser, read_hyper_parameters
 from epg.eval.metrics import (
     EvalInputError,
     Features,
@@ -141,8 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", default="all", help="EMA copies: all, or comma-separated indices (and/or 'none' = online)")
     p.add_argument("--num", type=int, default=1000, help="samples per setting of the sweep")
     p.add_argument("--final-num", type=int, help="then sample the best setting this many times (50000 for FID-50K)")
-    p.add_argument("--sampler", default="heun", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, help="grid levels (default: the sampler's, heun 32)")
+    sampler_help = "default: what the checkpoint's objective needs (heun or consistency)"
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), help=sampler_help)
+    p.add_argument("--steps", type=int, help="grid levels (default: the sampler's, heun 32, consistency 1)")
     interval_help = "guidance σ interval lo,hi (unshifted; applied as (lo·s_H, hi·s_H]) or 'none' for every level"
     p.add_argument("--interval", default=",".join(map(str, GUIDANCE_INTERVAL)), help=interval_help)
     p.add_argument(
@@ -327,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
     scales = _floats(args.scales, "--scales")
     interval = _interval(args.interval)
     emas = ema_choices(args.ema, args.checkpoint)
+    args.sampler = args.sampler or default_sampler(args.checkpoint)
     args.steps = args.steps or default_steps(args.sampler)
     sweep_labels = "balanced" if args.labels == "both" else args.labels
     counts = None

@@ -1,10 +1,13 @@
-"""Fault handling of long runs: atomic checkpoint files and folders, save-and-exit on SIGTERM, non-finite losses."""
+"""Fault handling of long runs: atomic checkpoint files and folders, save-and-exit on SIGTERM and Ctrl-C, logger
+versions kept across resumes, non-finite losses."""
 
 from __future__ import annotations
 
 import math
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +209,7 @@ def last_checkpoint_path(trainer: L.Trainer) -> str:
 
 
 class SigtermCheckpoint(Callback):
-    """On SIGTERM (SLURM pre-emption, ``scancel``, ``kill``) save ``last.ckpt`` and exit with status 0.
+    """On SIGTERM (SLURM pre-emption, ``scancel``, ``kill``) or Ctrl-C (SIGINT) save ``last.ckpt`` and stop.
 
     Lightning (>=2.5) already installs a SIGTERM handler that only sets ``trainer.received_sigterm``; its loops then
     raise ``SIGTERMException`` (a ``SystemExit`` with status 0) at the next batch boundary, after the batch's
@@ -216,21 +219,59 @@ class SigtermCheckpoint(Callback):
     survive the signal too when it goes to the whole process group (SLURM): EPGDataModule's loaders give them
     :func:`epg.data.pipeline.ignore_sigterm`.
 
+    While training, a first Ctrl-C is handled as a SIGTERM (same batch boundary, same save; ``interrupted`` is then
+    True and ``epg fit`` exits with status 130); a second one stops at once without saving.
+
     Args:
         path: checkpoint file to write (default: :func:`last_checkpoint_path`).
     """
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
+        self.interrupted = False  # by Ctrl-C
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's SIGTERM handler is in place from here on (it is registered just before the loops run).
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if self.interrupted or not callable(on_sigterm):
+            raise KeyboardInterrupt
+        self.interrupted = True
+        rank_zero_info("Ctrl-C: saving last.ckpt after this step, then stopping (Ctrl-C again: stop now, no save)")
+        on_sigterm(signal.SIGTERM, frame)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
         if not isinstance(exception, SIGTERMException):
             return
         path = self.path or last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
+        signal_name = "Ctrl-C" if self.interrupted else "SIGTERM"
         rank_zero_info(
-            f"SIGTERM: saved {path} at step {trainer.global_step}; rerun the same `epg fit` command to continue"
+            f"{signal_name}: saved {path} at step {trainer.global_step}; rerun the same `epg fit` command to continue"
         )
+
+
+class LoggerVersions(Callback):
+    """Keeps each logger's version (e.g. TensorBoard's ``version_N``) in the checkpoints, under ``KEY``, so that
+    EPGCLI resumes a run into the same logger folder instead of opening a new version per resume."""
+
+    KEY = "epg_logger_versions"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = [logger.version for logger in trainer.loggers]
 
 
 # ---- non-finite loss -----------------------------------------------------------------------------------------------
@@ -302,6 +343,6 @@ class NonFiniteWatch:
             raise NonFiniteLossError(
                 f"non-finite loss at step {int(step)} ({self.label} {'=' if lo == hi else 'in'} {span}; "
                 f"detected at step {now}); no checkpoint after it was written: resume from the last one with a "
-                "lower lr or tighter grad clipping, or train with precision 16-mixed, whose grad scaler skips "
-                "such steps"
+                "lower lr or tighter grad clipping (and --accept_changed_hparams), or train with precision 16-mixed, "
+                "whose grad scaler skips such steps"
             )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from epg.checkpoint import load_stage1_representation
+from epg.checkpoint import OBJECTIVE_SAMPLERS, load_stage1_representation
 from epg.lightning.base import EPGModule, param_groups, seeded_generator
 from epg.lightning.faults import nonfinite_span
 from epg.lightning.objectives import CM_WEIGHTINGS, LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
@@ -19,15 +22,29 @@ from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine, warmup_steps_schedule
 from epg.method.normalization import NORMALIZATIONS, denormalize
-from epg.nn.network import EPGNetwork, build_network
+from epg.nn.network import EPGNetwork, EPGRepresentation, build_network, build_representation
 from epg.nn.official import CheckpointMismatchError, load_into
+from epg.nn.presets import NetworkOptions, network_overrides, with_stage1_encoder
 
 OBJECTIVES = ("diffusion", "consistency")
 LR_SCHEDULES = ("cosine", "steps")
 NO_DECAY = ("pos_embed", "cls_token")  # METHOD.md §4, §5.5
 SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # unshifted σ edges of the per-bucket DM loss logs
-# Submodules rebuilt at construction (target = copy of net; aux net = reloaded from init_from), not checkpointed.
-UNSAVED = ("target_net.", "aux_net.")
+# Submodules not checkpointed: the CM target is rebuilt as a copy of the online network on loading.
+UNSAVED = ("target_net.",)
+_RESTORING = contextvars.ContextVar("epg_restoring_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def restoring_checkpoint() -> Iterator[None]:
+    """FinetuneModules built inside read nothing from ``init_from``: the checkpoint loaded next holds the encoder and
+    the CM's frozen stage-1 network, so resuming never needs that file. ``network`` must then be the checkpoint's
+    (with the encoder fields it took from the stage-1 file), as EPGCLI and :meth:`load_from_checkpoint` pass it."""
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
 
 
 def _frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
@@ -44,13 +61,15 @@ class FinetuneModule(EPGModule):
     warmup + cosine LR, grad clip 0.5 after warmup; CM betas (0.9, 0.99), weight decay 0.03, P_mean −0.4, warmup +
     LR steps (×0.3 after update 400K, ×0.08 after 500K), no clipping. ``grad_clip=0`` turns clipping off.
 
-    Checkpoints hold the online network (``net.``), one EMA copy per rate (``ema_nets.<i>.``), the applied-update
-    count and everything Lightning keeps (optimizer, scaler, scheduler). The CM's stop-gradient target and frozen
-    auxiliary network are not saved: the target is a copy of ``net`` and the auxiliary network is reloaded from
-    ``init_from``, which must therefore still exist when a CM run resumes.
+    Checkpoints hold the online network (``net.``), one EMA copy per rate (``ema_nets.<i>.``), the CM's frozen
+    stage-1 network (``aux_net.``), the applied-update count and everything Lightning keeps (optimizer, scaler,
+    scheduler). The CM's stop-gradient target is not saved: it is a copy of ``net``. So a run resumes (and
+    :meth:`load_from_checkpoint` loads) without ``init_from`` (see :func:`restoring_checkpoint`).
 
     Args:
-        preset: network preset (METHOD.md §2.4), e.g. "EPG-XL/16"; ``network`` overrides EPGConfig fields.
+        preset: network preset (METHOD.md §2.4), e.g. "EPG-XL/16"; ``network`` overrides EPGConfig fields one by one.
+            The encoder's shape (image and patch size, width, depth, heads; the decoder depth follows) comes from
+            ``init_from`` unless ``network`` sets it; the hyper-parameter ``network`` records what was taken.
         objective: "diffusion" (METHOD.md §4) or "consistency" (§5).
         init_from: stage-1 checkpoint (PretrainModule .ckpt or official RCM file) whose online encoder initialises
             ours (§2.3); None trains from scratch (an ablation, §9.6; the CM needs it for its auxiliary loss).
@@ -58,6 +77,7 @@ class FinetuneModule(EPGModule):
         lr, betas, weight_decay: AdamW; pos_embed and CLS have no weight decay.
         warmup_steps, total_steps: linear warmup, then cosine to 0 at ``total_steps`` ("cosine") or LR steps at
             ``lr_milestones`` by ``lr_factors`` ("steps"); ``lr_schedule`` None picks the objective's schedule.
+            Under EPGCLI ``total_steps`` is also the run's length (``trainer.max_steps`` defaults to it).
         grad_clip: global-norm clip applied once ``warmup_steps`` updates are done.
         ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
         p_mean, p_std: log-normal noise draw, unshifted (DM σ, §4; CM t, §5.3).
@@ -83,7 +103,7 @@ class FinetuneModule(EPGModule):
     def __init__(
         self,
         preset: str = "EPG-XL/16",
-        network: dict | None = None,
+        network: NetworkOptions | dict | None = None,
         objective: Literal["diffusion", "consistency"] = "diffusion",
         init_from: str | None = None,
         init_preset: str | None = None,
@@ -127,7 +147,14 @@ class FinetuneModule(EPGModule):
         optimizer_impl: Literal["fused", "foreach"] = "fused",
     ) -> None:
         super().__init__()
+        restoring = _RESTORING.get()
+        network = network_overrides(network)
+        representation = None
+        if init_from and not restoring:
+            representation = load_stage1_representation(init_from, preset=init_preset or preset)
+            network = with_stage1_encoder(preset, network, representation.config)
         self.save_hyperparameters()
+        self.hparams.network = network or None  # plain EPGConfig overrides (LightningCLI saves its parsed value)
         for name, value, choices in (
             ("objective", objective, OBJECTIVES),
             ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
@@ -147,11 +174,12 @@ class FinetuneModule(EPGModule):
         self.lr_schedule = lr_schedule or ("steps" if cm else "cosine")
         self.grad_clip = (None if cm else 0.5) if grad_clip is None else (grad_clip or None)
         self.p_mean = p_mean if p_mean is not None else (-0.4 if cm else -1.2)
-        self.sample_sampler = sample_sampler or ("consistency" if cm else "heun")
+        self.sample_sampler = sample_sampler or OBJECTIVE_SAMPLERS[objective]
 
         self.net: EPGNetwork = build_network(preset, **(network or {}))
-        representation = self._init_encoder(init_from, init_preset or preset) if init_from else None
-        if representation is None:
+        if representation is not None:
+            self._init_encoder(init_from, representation)
+        elif not restoring:
             if cm:
                 raise ValueError(
                     "the consistency objective needs init_from: its auxiliary loss runs the frozen stage-1 network "
@@ -165,13 +193,22 @@ class FinetuneModule(EPGModule):
         self.ema_nets = nn.ModuleList([_frozen_copy(self.net) for _ in ema_rates])
         # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2) and the frozen stage-1 network (§5.4).
         self.target_net = _frozen_copy(self.net, train=True) if cm else None
-        self.aux_net = representation.requires_grad_(False).eval() if cm else None
+        self.aux_net = None
+        if cm:  # restored from the checkpoint when it was not read from init_from
+            aux = representation if representation is not None else build_representation(self.net.config)
+            self.aux_net = aux.requires_grad_(False).eval()
+        self._aux_in_checkpoint = representation is None
         self._val_count = 0
 
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> FinetuneModule:
+        """Lightning's ``load_from_checkpoint``, without reading ``init_from`` (see :func:`restoring_checkpoint`)."""
+        with restoring_checkpoint():
+            return super().load_from_checkpoint(*args, **kwargs)
+
     # ---- construction ------------------------------------------------------------------------------------------
-    def _init_encoder(self, path: str, preset: str) -> nn.Module:
-        """Copy the stage-1 online encoder into ``self.net.encoder``; return the whole stage-1 network (§2.3)."""
-        representation = load_stage1_representation(path, preset=preset)
+    def _init_encoder(self, path: str, representation: EPGRepresentation) -> None:
+        """Copy the stage-1 online encoder of ``representation`` (read from ``path``) into ``self.net.encoder``."""
         try:
             # Strict on the encoder: the projector is ignored and decoder/class-table keys are absent by design.
             load_into(self.net.encoder, representation.encoder.state_dict())
@@ -184,7 +221,6 @@ class FinetuneModule(EPGModule):
             f"FinetuneModule: encoder initialised from {path}; decoder, class table and output layer are fresh "
             "(METHOD.md §2.3)"
         )
-        return representation
 
     def denoiser(self, net: nn.Module | None = None) -> Denoiser:
         """The preconditioned D(x, σ′, y) around ``net`` (default: the online network) with this objective's output."""
@@ -378,7 +414,8 @@ class FinetuneModule(EPGModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Re-create the unsaved entries: the target from the saved online weights, the aux net from init_from."""
+        """Re-create the target from the saved online weights; a checkpoint written before the aux net was saved
+        takes it from ``init_from``, which must then have been read."""
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict")
         if state is None:
@@ -389,4 +426,10 @@ class FinetuneModule(EPGModule):
                     state.setdefault(f"target_net.{key}", state[f"net.{key}"])
         if self.aux_net is not None:
             for key, value in self.aux_net.state_dict().items():
-                state.setdefault(f"aux_net.{key}", value)
+                if f"aux_net.{key}" not in state:
+                    if self._aux_in_checkpoint:
+                        raise ValueError(
+                            "this checkpoint has no frozen stage-1 network (aux_net.*: written before checkpoints "
+                            "kept it); load it with the stage-1 file init_from in place, outside restoring_checkpoint"
+                        )
+                    state[f"aux_net.{key}"] = value

@@ -25,6 +25,7 @@ from epg.method.losses import gather_local_first, info_nce
 from epg.method.lr import warmup_cosine
 from epg.method.noise import c_in, c_noise, resolution_shift
 from epg.nn.network import EPGRepresentation, build_representation
+from epg.nn.presets import NetworkOptions, network_overrides
 
 TAU_SCHEDULES = ("constant", "interpolated", "cosine")
 
@@ -35,10 +36,11 @@ class PretrainModule(EPGModule):
 
     Args:
         preset: architecture (e.g. "RCM-B/16", "RCM-L/16", "RCM-B/32", or a CPU preset such as "EPG-T/4").
-        network: EPGConfig field overrides, e.g. ``{"proj_out": 768}`` (METHOD.md §10.1).
+        network: EPGConfig fields overriding the preset's, one by one, e.g. ``{"proj_out": 768}`` (METHOD.md §10.1).
         lr: peak AdamW learning rate; 6e-4 [script], the config's 2e-4 is the alternative (METHOD.md §10.1).
         weight_decay, betas: AdamW, decay on all parameters (METHOD.md §3.7).
-        warmup_steps, total_steps: linear warmup then cosine to 0; total_steps is also the curriculum's K.
+        warmup_steps, total_steps: linear warmup then cosine to 0; total_steps is also the curriculum's K and, under
+            EPGCLI, the run's length (``trainer.max_steps`` defaults to it).
         target_momentum: EMA momentum of the target network, constant (METHOD.md §3.5).
         tau_contrastive: τ_c of the contrastive term (METHOD.md §3.6).
         tau_consistency: τ_r of the consistency term when ``tau_schedule`` is "constant".
@@ -54,7 +56,8 @@ class PretrainModule(EPGModule):
         paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings instead of Lightning's.
         max_consecutive_skips: under "16-mixed", stop with an error naming the steps once the grad scaler has skipped
             more than this many steps in a row (a loss that stays NaN/inf); 0 disables the limit.
-        export_path: where to write the stage-1 hand-over file at the end of ``fit`` (None: don't).
+        export_path: where to write the stage-1 hand-over file at the end of ``fit`` (None: don't); under EPGCLI a
+            relative path is inside the run folder (``trainer.default_root_dir``).
         compile: ``torch.compile`` the online and target networks in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
     """
@@ -62,7 +65,7 @@ class PretrainModule(EPGModule):
     def __init__(
         self,
         preset: str = "RCM-B/16",
-        network: dict | None = None,
+        network: NetworkOptions | dict | None = None,
         lr: float = 6e-4,
         weight_decay: float = 0.03,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -99,7 +102,9 @@ class PretrainModule(EPGModule):
             raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps} and {warmup_steps}")
         if not 0 < curriculum_n0 <= curriculum_n1:
             raise ValueError(f"need 0 < curriculum_n0 <= curriculum_n1, got {curriculum_n0} and {curriculum_n1}")
+        network = network_overrides(network) or None
         self.save_hyperparameters()
+        self.hparams.network = network  # plain EPGConfig overrides (LightningCLI saves its parsed value)
         self.online: EPGRepresentation = build_representation(preset, **(network or {}))
         self.target: EPGRepresentation = copy.deepcopy(self.online).requires_grad_(False)
         self.target.train(target_bn_train_mode)

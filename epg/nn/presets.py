@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,40 @@ class EPGConfig:
             dim, heads = getattr(self, f"{name}_dim"), getattr(self, f"{name}_heads")
             if dim % heads:
                 raise ValueError(f"{name}_dim {dim} is not divisible by {name}_heads {heads}")
+
+
+@dataclass
+class NetworkOptions:
+    """EPGConfig fields that override a preset's, one by one; a field left None keeps the preset's value.
+
+    The type of the modules' ``network`` argument, so that a config's fields combine with command-line ones
+    (``--model.init_args.network.image_size 64`` keeps the config's ``drop: 0.5``).
+    """
+
+    image_size: int | None = None
+    patch_size: int | None = None
+    enc_dim: int | None = None
+    enc_depth: int | None = None
+    enc_heads: int | None = None
+    dec_dim: int | None = None
+    dec_depth: int | None = None
+    dec_heads: int | None = None
+    num_cls_tokens: int | None = None
+    num_classes: int | None = None  # 0 gives an unconditional network (the preset's None cannot be spelled here)
+    mlp_ratio: float | None = None
+    drop: float | None = None
+    proj_hidden: int | None = None
+    proj_out: int | None = None
+    grad_checkpointing: bool | None = None
+
+
+def network_overrides(network: NetworkOptions | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields a ``network`` argument (NetworkOptions or a dict of its fields) sets, as a plain dict: what the
+    modules save as a hyper-parameter. As in NetworkOptions, None keeps the preset's value."""
+    if network is None:
+        return {}
+    fields = dataclasses.asdict(network) if isinstance(network, NetworkOptions) else dict(network)
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _row(enc: tuple[int, int, int], dec: tuple[int, int, int], image_size: int, patch_size: int) -> EPGConfig:
@@ -90,3 +126,31 @@ def get_config(preset: str | EPGConfig, **overrides) -> EPGConfig:
     if unknown:
         raise ValueError(f"unknown network option(s) {unknown}: valid options are {sorted(fields)}")
     return dataclasses.replace(cfg, **overrides)
+
+
+# What a stage-2 network takes from the stage-1 file it starts from (METHOD.md §2.3): the encoder's shape and the
+# projector of the CM's frozen stage-1 copy (§5.4); the decoder depth follows, as each block takes one skip.
+ENCODER_FIELDS = (
+    "image_size",
+    "patch_size",
+    "enc_dim",
+    "enc_depth",
+    "enc_heads",
+    "num_cls_tokens",
+    "mlp_ratio",
+    "proj_hidden",
+    "proj_out",
+)
+
+
+def with_stage1_encoder(preset: str, network: Mapping[str, Any], stage1: EPGConfig) -> dict[str, Any]:
+    """``network`` overrides of ``preset`` completed so that the encoder is ``stage1``'s: the fields it does not set
+    itself that differ (an explicit field is kept, and a mismatch then shows when the weights are loaded)."""
+    network = dict(network)
+    base = get_config(preset, **network)
+    taken = {f: getattr(stage1, f) for f in ENCODER_FIELDS if f not in network}
+    taken = {f: value for f, value in taken.items() if value != getattr(base, f)}
+    depth = taken.get("enc_depth", base.enc_depth)
+    if "dec_depth" not in network and depth != base.dec_depth:
+        taken["dec_depth"] = depth
+    return {**taken, **network}
