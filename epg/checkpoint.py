@@ -102,23 +102,33 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_hyper_parameters(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(module, datamodule) hyper-parameters of a checkpoint without reading its weights; ({}, {}) when it has none.
+def _metadata(path: str | os.PathLike) -> dict:
+    """A checkpoint's top-level dict without reading its weights ({} when there is none).
 
-    A file is memory-mapped, so only the small dicts are read; a sharded folder keeps them in its ``meta.pt``.
+    A file is memory-mapped, so only the small entries are read; a sharded folder keeps them in its ``meta.pt``.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "meta.pt"
     if not path.is_file():
-        return {}, {}
+        return {}
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a legacy (non-zip) file cannot be mapped
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict):
-        return {}, {}
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def read_hyper_parameters(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(module, datamodule) hyper-parameters of a checkpoint without reading its weights; ({}, {}) when it has none."""
+    ckpt = _metadata(path)
     return dict(ckpt.get("hyper_parameters") or {}), dict(ckpt.get("datamodule_hyper_parameters") or {})
+
+
+def read_global_step(path: str | os.PathLike) -> int | None:
+    """The training step a Lightning checkpoint was saved at; None for other files (network or official ones)."""
+    step = _metadata(path).get("global_step")
+    return None if step is None else int(step)
 
 
 def load_denoiser(

@@ -110,9 +110,10 @@ def test_stochastic_variant_reaches_the_sampler_and_the_folder_identity(nano: di
 def write_train_split(folder: Path, counts: list[int]) -> Path:
     """An (empty) training shard with a dataset.json holding ``counts`` per class, as `epg prepare` writes it."""
     folder.mkdir(parents=True)
-    write_shard(folder / shard_name("train", 0), [])
+    name = shard_name("train", 0)
+    record = write_shard(folder / name, [])
     classes = [f"n{c:08d}" for c in range(len(counts))]
-    write_metadata(folder, "train", classes, {}, [shard_name("train", 0)], counts, 16, "png")
+    write_metadata(folder, "train", classes, {}, [name], counts, 16, "png", {name: record})
     return folder
 
 

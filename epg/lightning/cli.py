@@ -1,4 +1,4 @@
-"""LightningCLI entry point for `epg fit|validate|test|predict -c CONFIG.yaml`, with resume and fault defaults."""
+"""LightningCLI entry point for `epg fit|validate|predict -c CONFIG.yaml`, with resume and fault defaults."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from epg.data.datamodule import EPGDataModule
 from epg.data.shards import expand_shards, is_remote
 from epg.lightning.faults import AtomicCheckpointIO, ConfigError, SigtermCheckpoint, recover_interrupted_swap
+from epg.lightning.predict import SampleWriter
 from epg.nn.official import CheckpointMismatchError
 from epg.nn.presets import get_config
 
@@ -47,11 +48,19 @@ class EPGCLI(LightningCLI):
         # LightningCLI has no public hook for the defaults of subcommand (Trainer.fit) arguments; lightning is <2.7.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         defaults = {"ckpt_path": "last"} if subcommand == "fit" else {}
+        if subcommand == "predict":  # `epg predict`: epg sample's options as --sample.*; images go to files only
+            parser.add_lightning_class_args(SampleWriter, "sample")
+            defaults["return_predictions"] = False
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
             defaults["weights_only"] = True
         if defaults:
             parser.set_defaults(defaults)
         return parser
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and predict: no ``test``, as there is no test split (`epg test` says what to run instead)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "test"}
 
     def _section(self) -> Any:
         subcommand = self.config.get("subcommand")
@@ -119,6 +128,12 @@ class EPGCLI(LightningCLI):
             if converted is None:
                 raise
             raise converted from err
+
+    def predict(self, **kwargs: Any) -> None:
+        """``trainer.predict`` over the image indices that the :class:`SampleWriter` still has to write."""
+        kwargs.pop("datamodule", None)  # the inputs are image indices, not data
+        writer = self._get(self.config_init, "sample")
+        self.trainer.predict(dataloaders=writer.dataloader(kwargs.get("ckpt_path")), **kwargs)
 
 
 def run_lightning_cli(args: list[str], run: bool = True) -> EPGCLI:

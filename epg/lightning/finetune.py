@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -21,6 +21,10 @@ from epg.method.lr import warmup_cosine, warmup_steps_schedule
 from epg.method.normalization import NORMALIZATIONS, denormalize
 from epg.nn.network import EPGNetwork, build_network
 from epg.nn.official import CheckpointMismatchError, load_into
+from epg.sampling.generate import generate
+
+if TYPE_CHECKING:
+    from epg.lightning.predict import SampleBatch
 
 OBJECTIVES = ("diffusion", "consistency")
 LR_SCHEDULES = ("cosine", "steps")
@@ -369,6 +373,17 @@ class FinetuneModule(EPGModule):
             net.train(was_training)
         pixels = denormalize(images.float(), hp.normalization).clamp(0, 1)
         return make_grid(pixels.cpu(), nrow=math.ceil(math.sqrt(n)))
+
+    # ---- prediction (`epg predict`) ----------------------------------------------------------------------------
+    def predict_step(self, batch: SampleBatch, batch_idx: int = 0) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) of a batch of image indices (`epg predict`, :mod:`epg.lightning.predict`).
+
+        Sampled by the one generate loop, :func:`epg.sampling.generate`, with the batch's settings and EMA copy, in
+        fp32 whatever the Trainer's precision unless the settings ask for autocast (METHOD.md §8).
+        """
+        net = self.net if batch.ema is None else self.ema_nets[batch.ema]
+        with torch.autocast(self.device.type, enabled=False):
+            return generate(self.denoiser(net), batch.indices, batch.num, batch.settings, self.hparams.normalization)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
