@@ -150,13 +150,14 @@ def test_a_loss_that_stays_nan_under_fp16_stops_after_the_skip_limit():
 def _write_split(folder, split: str, shards: list[list[tuple[np.ndarray, int]]]) -> str:
     folder.mkdir(parents=True)
     names = [shard_name(split, i) for i in range(len(shards))]
+    records = {}
     for i, (name, images) in enumerate(zip(names, shards, strict=True)):
-        write_shard(
+        records[name] = write_shard(
             folder / name,
             [(f"s{i}_{j}", "png", encode_image(Image.fromarray(a), "png"), y) for j, (a, y) in enumerate(images)],
         )
     counts = np.bincount([y for images in shards for _, y in images], minlength=2).tolist()
-    write_metadata(folder, split, ["0", "1"], {}, names, counts, 16, "png")
+    write_metadata(folder, split, ["0", "1"], {}, names, counts, 16, "png", records)
     return str(folder)
 
 

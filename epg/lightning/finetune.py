@@ -171,6 +171,7 @@ class FinetuneModule(EPGModule):
         self.target_net = _frozen_copy(self.net, train=True) if cm else None
         self.aux_net = representation.requires_grad_(False).eval() if cm else None
         self._val_count = 0
+        self._hp_source: torch.Tensor | None = None  # the val/fid value last logged as hp_metric
 
     # ---- construction ------------------------------------------------------------------------------------------
     def _init_encoder(self, path: str, preset: str) -> nn.Module:
@@ -286,8 +287,6 @@ class FinetuneModule(EPGModule):
             self.log("train/consistency", terms.consistency.detach().mean(), **log)
             self.log("train/aux", terms.aux.detach().mean(), **log)
         self.log("train/loss", terms.loss.detach(), prog_bar=True, **log)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
         return terms.loss
 
     def _micro_batch(self, batch_idx: int) -> int:
@@ -310,6 +309,14 @@ class FinetuneModule(EPGModule):
             self.log(
                 f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
             )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        # Stage 2's headline number: the in-loop FID (callbacks run before this hook) also becomes hp_metric.
+        fid = self.trainer.callback_metrics.get("val/fid")
+        if fid is not None and fid is not self._hp_source:
+            self._hp_source = fid
+            self.log_hp_metric(fid)
 
     # ---- validation --------------------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
