@@ -1,7 +1,7 @@
 """`epg predict`: `epg sample`'s images through Lightning's predict loop, resumable, split over ranks; no `epg test`.
 
-A tiny run made the way a user makes one (`epg prepare demo`, then `epg fit` of EPG-Nano/4 for 2 steps), sampled with
-3 Heun steps at 16 px.
+The demo's diffusion config as a user runs it (`epg prepare demo`, `epg fit -c configs/demo/finetune_dm.yaml`, here 2
+steps from scratch), sampled with 3 Heun steps at 16 px.
 """
 
 from __future__ import annotations
@@ -14,73 +14,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 import epg.sample as sample_tool
 from epg.cli import main as epg
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo" / "finetune_dm.yaml"
 NUM = 6
 SAMPLE = ["--sample.num", str(NUM), "--sample.steps", "3", "--sample.batch", "4"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, Path]:
-    """A 2-step FinetuneModule run (EMA rate 0.5, so EMA and online weights differ) and its config."""
+    """configs/demo/finetune_dm.yaml trained 2 steps from scratch, in a folder of its own (its paths are relative)."""
     from epg.data.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("predict")
-    prepare_demo(root / "data")
-    config = {
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 2,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "default_root_dir": str(root / "run"),
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(root / "run" / "checkpoints"), "save_last": True},
-                }
-            ],
-        },
-        "model": {
-            "class_path": "epg.lightning.finetune.FinetuneModule",
-            "init_args": {"preset": "EPG-Nano/4", "ema_rates": [0.5], "warmup_steps": 1, "total_steps": 10, "lr": 0.01},
-        },
-        "data": {
-            "train_shards": str(root / "data" / "train"),
-            "image_size": 16,
-            "num_classes": 10,
-            "global_batch_size": 8,
-            "num_workers": 0,
-        },
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert epg(["fit", "-c", str(path)]) == 0
-    return {"config": path, "ckpt": root / "run" / "checkpoints" / "last.ckpt", "root": root}
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        prepare_demo("runs/demo/data")
+        short = ["--trainer.max_steps", "2", "--model.init_args.init_from", "null"]
+        short += ["--data.global_batch_size", "8", "--data.num_workers", "0"]
+        assert epg(["fit", "-c", str(CONFIG), *short]) == 0
+    finally:
+        os.chdir(cwd)
+    return {"root": root, "ckpt": root / "runs/demo/finetune_dm/checkpoints/last.ckpt"}
+
+
+@pytest.fixture(autouse=True)
+def _in_run_folder(run, monkeypatch):
+    monkeypatch.chdir(run["root"])
 
 
 def predict(run: dict[str, Path], out: Path, *extra: str) -> int:
-    return epg(
-        [
-            "predict",
-            "-c",
-            str(run["config"]),
-            "--ckpt_path",
-            str(run["ckpt"]),
-            *SAMPLE,
-            *extra,
-            "--sample.out",
-            str(out),
-        ]
-    )
+    argv = ["-c", str(CONFIG), "--ckpt_path", str(run["ckpt"]), *SAMPLE, *extra, "--sample.out", str(out)]
+    return epg(["predict", *argv])
 
 
 def sample(run: dict[str, Path], out: Path, *extra: str) -> int:
@@ -136,8 +105,8 @@ def test_predict_resumes_and_refuses_other_settings(run, tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (the line before says where the label counts come from)
     assert err.startswith("epg predict: sample:") and "different settings (seed)" in err
     # Without --sample.out the run folder gets one folder per checkpoint step and settings.
-    assert epg(["predict", "-c", str(run["config"]), "--ckpt_path", str(run["ckpt"]), *SAMPLE]) == 0
-    default = run["root"] / "run" / "samples" / f"last-step2_ema0_heun3_cfg1_balanced_seed0_n{NUM}"
+    assert epg(["predict", "-c", str(CONFIG), "--ckpt_path", str(run["ckpt"]), *SAMPLE]) == 0
+    default = run["root"] / "runs/demo/finetune_dm/samples" / f"last-step2_ema0_heun3_cfg1_balanced_seed0_n{NUM}"
     assert len(list(default.glob("*.png"))) == NUM and default.with_name(default.name + ".npz").is_file()
 
 
@@ -152,7 +121,7 @@ def test_two_ranks_write_the_single_rank_images(run, tmp_path):
     """DDP on 2 CPU processes (gloo): Lightning's sampler splits the missing indices; the folder is the same."""
     assert predict(run, tmp_path / "one") == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "epg.cli", "predict", "-c", str(run["config"]), "--ckpt_path", str(run["ckpt"])]
+    cmd = [sys.executable, "-m", "epg.cli", "predict", "-c", str(CONFIG), "--ckpt_path", str(run["ckpt"])]
     cmd += [*SAMPLE, "--sample.out", str(tmp_path / "two"), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    subprocess.run(cmd, check=True, env=env, cwd=tmp_path, timeout=300, capture_output=True)
+    subprocess.run(cmd, check=True, env=env, cwd=run["root"], timeout=300, capture_output=True)
     assert np.array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"])

@@ -7,12 +7,12 @@ fixed by (seed, i), so the set does not depend on the number of devices. The ran
 gathered, and global rank 0 computes the FID against the cached reference statistics and broadcasts it. The same
 Inception and FID formula as `epg fid calc` are used (torch-fidelity's TF-compatible Inception-v3, offline weights).
 
-YAML (LightningCLI), cheap demo settings::
+YAML (LightningCLI), the demo's settings (configs/demo/finetune_dm.yaml; no reference: the val split)::
 
     trainer:
       callbacks:
         - class_path: epg.eval.callback.InLoopFID
-          init_args: {every_n_steps: 250, num_samples: 100, reference: runs/demo/data/val, steps: 8}
+          init_args: {every_n_steps: 500, num_samples: 50, steps: 16, guidance: 2.0}
 
 ``val/fid`` goes straight to the loggers at ``trainer.global_step`` (as LearningRateMonitor does, so it is never
 dropped by ``log_every_n_steps``) and into ``trainer.callback_metrics`` (for ModelCheckpoint/EarlyStopping

@@ -182,7 +182,7 @@ def check_config(model_args: Mapping, data: Mapping, subcommand: str | None = No
             f"stage-1 checkpoint {init_from} does not exist; train stage 1 first (epg fit -c configs/pretrain/...) "
             "or point it at an RCM file",
         )
-    if not subcommand:
+    if subcommand in (None, "predict"):  # predict samples from noise: it reads no shards
         return
     if subcommand == "fit" and data and not data.get("train_shards"):
         raise ConfigError("data.train_shards", "is not set; pass shards such as data/train/train-{000000..000004}.tar")
