@@ -66,7 +66,7 @@ def test_explore_notebook_executes(tmp_path, monkeypatch):
     text, images = execute(tmp_path, monkeypatch, tiny_demo(tmp_path / "demo"))
     assert "network-file checkpoint" in text and "shift s_H = 0.25" in text
     assert "pretrain: hp_metric 3 at step 30" in text and "this run: K = 40" in text
-    assert "stage 1: σ=0.002:" in text and "random init: σ=0.002:" in text  # the k-NN over noise levels
+    assert "stage 1, same-σ bank: σ=0.002:" in text and "random init, clean bank: σ=0.002:" in text  # k-NN over σ
     # TensorBoard panels, curriculum, k-NN curve, views, σ/weight plot, 5 sampler grids, trajectory, CM/DM grids
     assert images >= 14
     assert "skipped" in text and "finetune_cm" in text  # the CM run has no TensorBoard events here
