@@ -153,6 +153,12 @@ def stage1_config(path: str | os.PathLike, preset: str | None = None) -> EPGConf
     return get_config(preset) if preset else None
 
 
+def read_global_step(path: str | os.PathLike) -> int | None:
+    """The training step a Lightning checkpoint was saved at; None for other files (network or official ones)."""
+    step = read_checkpoint_meta(path).get("global_step")
+    return None if step is None else int(step)
+
+
 def load_denoiser(
     path: str | os.PathLike, ema: int | None = 0, preset: str | None = None, parameterization: str | None = None
 ) -> LoadedModel:

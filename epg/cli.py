@@ -1,4 +1,4 @@
-"""The one `epg` command: LightningCLI subcommands (fit/validate/test/predict) plus the tools.
+"""The one `epg` command: LightningCLI subcommands (fit/validate/predict) plus the tools.
 
 Tools are imported lazily so that `epg prepare --help` does not pay for importing Lightning.
 """
@@ -17,12 +17,22 @@ TOOLS: dict[str, tuple[str, str, str]] = {
     "bench": ("epg.bench", "main", "measure img/s, TFLOP/s and MFU; writes JSON"),
     "demo": ("epg.demo", "main", "the whole pipeline on the embedded MNIST digits"),
 }
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train (resumes from the run's last checkpoint)",
+    "validate": "the validation metrics of a checkpoint on the val split (--ckpt_path CKPT)",
+    "predict": "write samples like `epg sample` (--ckpt_path CKPT; options --sample.*)",
+}
+# There is no test split (ImageNet's val split is the FID reference and the only held-out data): say what to run.
+NO_TEST = (
+    "epg test: there is no test split; `epg validate -c CONFIG --ckpt_path CKPT` reports the val-split metrics "
+    "(stage 2: val/loss of the online and val/ema_loss of the EMA weights; stage 1: val/knn_acc) and "
+    "`epg predict` + `epg fid calc` score samples"
+)
 
 
 def _usage() -> str:
     lines = ["usage: epg <command> [options]", "", "training (LightningCLI; -c CONFIG.yaml):"]
-    lines += [f"  {name:<10} Lightning's `{name}`" for name in LIGHTNING_SUBCOMMANDS]
+    lines += [f"  {name:<10} {help_}" for name, help_ in LIGHTNING_SUBCOMMANDS.items()]
     lines += ["", "tools:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in TOOLS.items()]
     return "\n".join(lines)
@@ -57,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     if command in LIGHTNING_SUBCOMMANDS:
         return _run_lightning(command, rest)
+    if command == "test":
+        print(NO_TEST, file=sys.stderr)
+        return 2
     print(f"epg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -32,6 +32,7 @@ DEFAULTS = {
     "cpu": {"fid_samples": 500, "fid_ref": 500, "batch": 100},
     "gpu": {"fid_samples": 2000, "fid_ref": 500, "batch": 500},
 }
+VAL_DIGITS = 500  # the embedded digits' val split
 GRID_SEED = 0
 FID_SEED = 1
 
@@ -246,6 +247,7 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     import torch
 
     from epg.checkpoint import load_denoiser
+    from epg.eval.callback import cached_reference, reference_cache
     from epg.eval.digits import class_accuracy, load_or_train
     from epg.eval.metrics import InceptionFeatures
     from epg.eval.reference import ReferenceStats, load_reference
@@ -302,7 +304,12 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     t0 = time.perf_counter()
     inception = InceptionFeatures(device)
     cache = out / f"fid_reference_val{opts.fid_ref}_{denoiser.image_size}px.npz"
-    if cache.is_file():
+    if opts.fid_ref >= VAL_DIGITS:  # the whole val split: the statistics the in-loop FID of stage 2 cached
+        batch = DEFAULTS[opts.device]["batch"]
+        val, run_dir = str(data_dir / "val"), ckpt.parent.parent
+        reference = cached_reference(val, run_dir, inception, batch, denoiser.image_size)
+        cache = reference_cache(val, run_dir, denoiser.image_size)
+    elif cache.is_file():
         reference = load_reference(cache)
     else:
         from epg.eval.metrics import statistics

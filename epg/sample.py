@@ -12,17 +12,18 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from epg.checkpoint import default_sampler, load_denoiser, read_hyper_parameters
+from epg.checkpoint import default_sampler, load_denoiser, read_global_step, read_hyper_parameters
 from epg.data.shards import read_class_counts
-from epg.method.normalization import to_uint8
-from epg.sampling import SAMPLERS, Guidance, default_steps, sample
+from epg.sampling import SAMPLERS, Guidance, SampleSettings, default_steps, generate_batches
 from epg.sampling.files import png_name, write_adm_npz, write_png
+from epg.sampling.generate import image_labels
 from epg.sampling.grid import GUIDANCE_INTERVAL
-from epg.sampling.per_image import LABEL_MODES, class_labels, image_noise, loop_generators
+from epg.sampling.per_image import LABEL_MODES
 from epg.sampling.stochastic import STOCHASTIC_VARIANTS
 
 CONFIG_NAME = "sample_config.json"
@@ -183,6 +184,8 @@ def _identity(args: argparse.Namespace, num_classes: int | None, counts: list[in
     if args.sampler == "stochastic":  # the default variant changed from edm to official: older folders differ
         identity["stochastic_variant"] = args.stochastic_variant or "official"
     identity.update(checkpoint=os.path.abspath(args.checkpoint), num_classes=num_classes)
+    # A checkpoint path such as last.ckpt is rewritten while training goes on: its step tells the weights apart.
+    identity["checkpoint_step"] = read_global_step(args.checkpoint)
     if identity["poor"]:
         identity["poor"] = os.path.abspath(identity["poor"])
     if args.labels == "balanced":
@@ -192,14 +195,14 @@ def _identity(args: argparse.Namespace, num_classes: int | None, counts: list[in
     return identity
 
 
-def _check_folder(out: Path, identity: dict, rank: int) -> None:
+def _check_folder(out: Path, identity: dict, rank: int, prog: str = "epg sample") -> None:
     path = out / CONFIG_NAME
     if path.exists():
         stored = json.loads(path.read_text())
         diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
         if diff:
             raise SystemExit(
-                f"epg sample: {out} holds samples made with different settings ({', '.join(diff)}); "
+                f"{prog}: {out} holds samples made with different settings ({', '.join(diff)}); "
                 f"use a fresh --out folder, or delete {path} if the change does not alter the images"
             )
     elif rank == 0:
@@ -207,6 +210,97 @@ def _check_folder(out: Path, identity: dict, rank: int) -> None:
         tmp = out / f".{CONFIG_NAME}.tmp"
         tmp.write_text(json.dumps(identity, indent=2))
         os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked `epg sample` arguments, ``steps`` filled in with the sampler's default."""
+    args = build_parser().parse_args(argv)
+    args.sampler = args.sampler or default_sampler(args.checkpoint, args.parameterization)
+    _check_args(args)
+    args.steps = args.steps or default_steps(args.sampler)
+    return args
+
+
+@dataclass
+class SampleRun:
+    """A folder of ``num`` samples being filled (PNGs, then ``<out>.npz``) and the settings that decide them.
+
+    Shared by `epg sample` (Fabric) and `epg predict` (:class:`epg.lightning.predict.SampleWriter`): both check the
+    folder against the same settings record, so either command resumes a folder that the other started.
+    """
+
+    out: Path
+    num: int
+    settings: SampleSettings
+    npz: bool = True
+    prog: str = "epg sample"  # the command named in messages
+
+    @classmethod
+    def prepare(
+        cls, args: argparse.Namespace, denoiser: torch.nn.Module, rank: int = 0, prog: str = "epg sample"
+    ) -> SampleRun:
+        """Settings of parsed `epg sample` ``args`` for ``denoiser``; the folder is created or checked against them.
+
+        Raises SystemExit with a one-line message, starting with ``prog``, on arguments that do not fit the network
+        or the folder.
+        """
+        num_classes = args.num_classes or denoiser.null_label  # None: an unconditional network, no labels
+        if args.num_classes and (denoiser.null_label is None or args.num_classes > denoiser.null_label):
+            raise SystemExit(f"{prog}: --num-classes {args.num_classes} but the network has {denoiser.null_label}")
+        counts = None
+        if num_classes is not None and args.labels == "random":
+            counts, where = label_counts(args.label_counts, args.checkpoint)
+            if counts is not None and len(counts) != num_classes:
+                raise SystemExit(
+                    f"{prog}: {where}, but labels are drawn from {num_classes} classes; pass training shards of "
+                    f"the same classes to --label-counts, or 'uniform'"
+                )
+            if rank == 0:
+                print(f"{prog}: {where}", file=sys.stderr)
+        out = Path(args.out)
+        _check_folder(out, _identity(args, num_classes, counts), rank, prog)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = SampleSettings(
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=_guidance(args, next(denoiser.parameters()).device),
+            labels=args.labels,
+            seed=args.seed,
+            clamp=None if args.no_clamp else 1.0,
+            autocast=AUTOCAST[args.autocast],
+            num_classes=num_classes,
+            class_counts=counts,
+            options=_sampler_options(args),
+        )
+        return cls(out, args.num, settings, npz=not args.no_npz, prog=prog)
+
+    def missing(self) -> list[int]:
+        """Indices of the images not written yet."""
+        existing = set(os.listdir(self.out))
+        return [i for i in range(self.num) if png_name(i, self.num) not in existing]
+
+    def write(self, indices: list[int], images: torch.Tensor) -> None:
+        """Save uint8 images (B, H, W, 3) of image ``indices`` as PNGs (each atomically)."""
+        for i, image in zip(indices, images.numpy(), strict=True):
+            write_png(self.out / png_name(i, self.num), image)
+
+    def finish(self, denoiser: torch.nn.Module) -> None:
+        """Write ``<out>.npz`` (images + labels) once every PNG exists, unless it is newer than all of them."""
+        if not self.npz:
+            return
+        npz = self.out.with_name(self.out.name + ".npz")
+        names = [png_name(i, self.num) for i in range(self.num)]
+        absent = [n for n in names if not (self.out / n).exists()]
+        if absent:
+            raise SystemExit(
+                f"{self.prog}: {len(absent)} images are missing (e.g. {absent[0]}): rerun the same command"
+            )
+        newest = max((self.out / n).stat().st_mtime for n in names)
+        if npz.exists() and npz.stat().st_mtime >= newest:
+            print(f"{self.prog}: {npz} is up to date")
+            return
+        write_adm_npz(self.out, self.num, npz, image_labels(denoiser, range(self.num), self.num, self.settings))
+        print(f"{self.prog}: wrote {self.num} images to {self.out}/ and {npz}")
 
 
 def _launch(args: argparse.Namespace):
@@ -229,66 +323,24 @@ def _launch(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     """Run `epg sample`."""
-    args = build_parser().parse_args(argv)
-    args.sampler = args.sampler or default_sampler(args.checkpoint, args.parameterization)
-    _check_args(args)
-    args.steps = args.steps or default_steps(args.sampler)
+    args = parse_args(argv)
     fabric, rank, world, device = _launch(args)
-    ema = _ema(args.ema)
-    model = load_denoiser(args.checkpoint, ema=ema, preset=args.preset, parameterization=args.parameterization)
+    model = load_denoiser(
+        args.checkpoint, ema=_ema(args.ema), preset=args.preset, parameterization=args.parameterization
+    )
     denoiser = model.denoiser.to(device)
-    num_classes = args.num_classes or denoiser.null_label  # None: an unconditional network, no labels
-    if args.num_classes and (denoiser.null_label is None or args.num_classes > denoiser.null_label):
-        raise SystemExit(f"epg sample: --num-classes {args.num_classes} but the network has {denoiser.null_label}")
-    guidance = _guidance(args, device)
-    options = _sampler_options(args)
-    counts = None
-    if num_classes is not None and args.labels == "random":
-        counts, where = label_counts(args.label_counts, args.checkpoint)
-        if counts is not None and len(counts) != num_classes:
-            raise SystemExit(
-                f"epg sample: {where}, but labels are drawn from {num_classes} classes; pass training shards of "
-                f"the same classes to --label-counts, or 'uniform'"
-            )
-        if rank == 0:
-            print(f"epg sample: {where}", file=sys.stderr)
-    out = Path(args.out)
-    _check_folder(out, _identity(args, num_classes, counts), rank)
-    out.mkdir(parents=True, exist_ok=True)
-
-    existing = set(os.listdir(out))
-    missing = [i for i in range(args.num) if png_name(i, args.num) not in existing]
+    run = SampleRun.prepare(args, denoiser, rank)
+    missing = run.missing()
     mine = [i for i in missing if i % world == rank]  # fixed by index: ranks may list the folder at different times
-    shape = (3, denoiser.image_size, denoiser.image_size)
     bar = _progress(len(missing), disabled=rank != 0 or args.no_progress)
-    for start in range(0, len(mine), args.batch):
-        batch = mine[start : start + args.batch]
-        z = image_noise(args.seed, batch, shape).to(device)
-        y = None
-        if num_classes is not None:
-            labels = class_labels(batch, args.num, num_classes, args.labels, args.seed, counts)
-            y = torch.from_numpy(labels).to(device)
-        gens = loop_generators(args.seed, batch, device) if args.sampler in ("stochastic", "consistency") else None
-        x = sample(
-            denoiser,
-            z,
-            y,
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance=guidance,
-            generator=gens,
-            clamp=None if args.no_clamp else 1.0,
-            autocast=AUTOCAST[args.autocast],
-            **options,
-        )
-        for i, image in zip(batch, to_uint8(x, model.normalization).cpu().numpy(), strict=True):
-            write_png(out / png_name(i, args.num), image)
+    for batch, images in generate_batches(denoiser, mine, args.num, run.settings, model.normalization, args.batch):
+        run.write(batch, images)
         bar.update(min(len(batch) * world, bar.total - bar.n))
     bar.close()
     if fabric is not None:
         fabric.barrier()
-    if rank == 0 and not args.no_npz:
-        _write_npz(out, args, num_classes, counts)
+    if rank == 0:
+        run.finish(denoiser)
     return 0
 
 
@@ -296,20 +348,3 @@ def _progress(total: int, disabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="epg sample", unit="img", disable=disabled, file=sys.stderr)
-
-
-def _write_npz(out: Path, args: argparse.Namespace, num_classes: int | None, counts: list[int] | None) -> None:
-    npz = out.with_name(out.name + ".npz")
-    names = [png_name(i, args.num) for i in range(args.num)]
-    absent = [n for n in names if not (out / n).exists()]
-    if absent:
-        raise SystemExit(f"epg sample: {len(absent)} images are missing (e.g. {absent[0]}): rerun the same command")
-    newest = max((out / n).stat().st_mtime for n in names)
-    if npz.exists() and npz.stat().st_mtime >= newest:
-        print(f"epg sample: {npz} is up to date")
-        return
-    labels = None
-    if num_classes is not None:
-        labels = class_labels(range(args.num), args.num, num_classes, args.labels, args.seed, counts)
-    write_adm_npz(out, args.num, npz, labels)
-    print(f"epg sample: wrote {args.num} images to {out}/ and {npz}")

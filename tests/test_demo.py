@@ -33,7 +33,7 @@ def test_schedule_args_rescale_the_cm_schedule() -> None:
 # What the GPU variant may change relative to the CPU demo: run length and what scales with it, paths, the device.
 GPU_CHANGES = {
     "accelerator", "max_steps", "total_steps", "warmup_steps", "val_check_interval", "every_n_train_steps",
-    "lr_milestones", "ect_d0", "ect_d1", "ema_rates", "sample_steps", "num_workers",
+    "lr_milestones", "ect_d0", "ect_d1", "ema_rates", "sample_steps", "num_workers", "every_n_steps",
 }  # fmt: skip
 
 

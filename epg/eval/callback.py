@@ -8,12 +8,12 @@ fixed by (seed, i), so the set does not depend on the number of devices, and fee
 them against the cached reference statistics, the same value on every rank. The Inception is `epg fid calc`'s
 (torch-fidelity's TF-compatible Inception-v3, offline weights), and so is the FID up to round-off (≲ 1e-3).
 
-YAML (LightningCLI), cheap demo settings::
+YAML (LightningCLI), the demo's settings (configs/demo/finetune_dm.yaml; no reference: the val split)::
 
     trainer:
       callbacks:
         - class_path: epg.eval.callback.InLoopFID
-          init_args: {every_n_steps: 250, num_samples: 100, reference: runs/demo/data/val, steps: 8}
+          init_args: {every_n_steps: 500, num_samples: 50, steps: 16, guidance: 2.0}
 
 ``val/fid`` goes straight to the loggers at ``trainer.global_step`` (as LearningRateMonitor does, so it is never
 dropped by ``log_every_n_steps``) and into ``trainer.callback_metrics`` (for ModelCheckpoint/EarlyStopping
@@ -46,21 +46,35 @@ from epg.sampling.per_image import LABEL_MODES
 METRIC = "val/fid"
 
 
-def cached_reference(source: str, cache_dir: str | os.PathLike, inception: InceptionFeatures, batch_size: int = 100):
-    """Reference statistics: a reference .npz as is; shards, a folder or an ADM .npz computed once and cached."""
+def reference_cache(source: str, cache_dir: str | os.PathLike, crop_to: int | None = None) -> Path:
+    """The file in ``cache_dir`` that holds the statistics computed from ``source`` (cropped to ``crop_to`` px)."""
+    key = os.path.abspath(source) + ("" if crop_to is None else f"@{crop_to}px")
+    return Path(cache_dir) / f"fid_reference_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
+
+
+def cached_reference(
+    source: str,
+    cache_dir: str | os.PathLike,
+    inception: InceptionFeatures,
+    batch_size: int = 100,
+    crop_to: int | None = None,
+):
+    """Reference statistics: a reference .npz as is; shards, a folder or an ADM .npz computed once and cached.
+
+    ``crop_to``: compute them on the images ADM-center-cropped to the training resolution (METHOD.md §7).
+    """
     if source.endswith(".npz") and Path(source).is_file():
         try:
             return load_reference(source)
         except EvalInputError:
             pass  # an ADM reference batch: compute once like any other source
-    digest = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:10]
-    cache = Path(cache_dir) / f"fid_reference_{digest}.npz"
+    cache = reference_cache(source, cache_dir, crop_to)
     if cache.is_file():
         reference = load_reference(cache)
         if reference.source == source:
             return reference
     rank_zero_info(f"InLoopFID: computing reference statistics of {source} (cached as {cache})")
-    reference = compute_reference(source, inception, batch_size=batch_size, progress=True)
+    reference = compute_reference(source, inception, batch_size=batch_size, progress=True, crop_to=crop_to)
     reference.save(cache)
     return reference
 
@@ -72,7 +86,9 @@ class InLoopFID(Callback):
         every_n_steps: evaluate when ``trainer.global_step`` is a positive multiple of this.
         num_samples: K images per evaluation (e.g. 100 for the demo, 10K-50K for a real run), split over ranks.
         reference: a reference .npz from `epg fid ref`, or a source to compute one from once (WebDataset shards,
-            an image folder, an ADM reference .npz), cached in ``cache_dir``.
+            an image folder, an ADM reference .npz), cached in ``cache_dir``; None: the datamodule's ``val_shards``.
+            Larger images are ADM-center-cropped to the training resolution first (as the DataModule does), and
+            nothing is computed when ``trainer.max_steps`` ends the run before the first evaluation.
         sampler, steps, guidance: passed to ``epg.sampling.sample`` (METHOD.md §6; guidance = CFG scale w).
         ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
         batch_size: images per sampling and Inception batch on each rank.
@@ -87,7 +103,7 @@ class InLoopFID(Callback):
         self,
         every_n_steps: int,
         num_samples: int,
-        reference: str,
+        reference: str | None = None,
         sampler: str = "heun",
         steps: int = 32,
         guidance: float | None = None,
@@ -111,7 +127,7 @@ class InLoopFID(Callback):
             raise ValueError(f"InLoopFID: unknown labels {labels!r}; choose one of {LABEL_MODES}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.reference_source = str(reference)
+        self.reference_source = None if reference is None else str(reference)
         self.sampler = sampler
         self.steps = steps
         self.guidance = guidance
@@ -136,6 +152,14 @@ class InLoopFID(Callback):
             raise ValueError(f"InLoopFID: {type(pl_module).__name__}.hparams has no 'normalization' (imagenet|simple)")
         if self.labels == "random":
             self.class_counts = self._training_class_counts(trainer)
+        if 0 <= trainer.max_steps < self.every_n_steps:
+            return  # no evaluation in this run: no reference, no Inception
+        source = self.reference_source or getattr(trainer.datamodule, "val_shards", None)
+        if source is None:
+            raise ValueError(
+                "InLoopFID: no reference given and the datamodule has no val_shards; pass reference: a reference .npz "
+                "(`epg fid ref`), WebDataset shards or an image folder"
+            )
         if trainer.local_rank == 0:
             ensure_inception_weights()  # offline conversion, once per machine
         trainer.strategy.barrier("InLoopFID.weights")
@@ -143,15 +167,15 @@ class InLoopFID(Callback):
         if trainer.is_global_zero:  # the metric's sync gives the reference to the other ranks
             inception = InceptionFeatures(device=trainer.strategy.root_device)
             cache_dir = self.cache_dir or trainer.default_root_dir
-            self.reference = cached_reference(self.reference_source, cache_dir, inception, self.batch_size)
-            self.metric.set_reference(self.reference.mu, self.reference.sigma, self.reference.count)
             size = pl_module.denoiser(self._network(pl_module)).image_size
+            self.reference = cached_reference(str(source), cache_dir, inception, self.batch_size, crop_to=size)
             resolution = self.reference.resolution
             if resolution is not None and tuple(resolution) != (size, size):
                 raise EvalInputError(
-                    f"InLoopFID: the reference {self.reference_source} is at {resolution[0]}x{resolution[1]} but "
+                    f"InLoopFID: the reference {source} is at {resolution[0]}x{resolution[1]} but "
                     f"the network makes {size}x{size} images; use a reference at the training resolution"
                 )
+            self.metric.set_reference(self.reference.mu, self.reference.sigma, self.reference.count)
 
     @staticmethod
     def _training_class_counts(trainer: L.Trainer) -> list[int] | None:
@@ -212,6 +236,8 @@ class InLoopFID(Callback):
             )
         finally:
             net.train(was_training)
+            if hasattr(pl_module, "reshard_networks"):  # FSDP2: a no-grad pass leaves the root unsharded
+                pl_module.reshard_networks()
         metric = self.metric.to(pl_module.device)
         with _ieee_convolutions(metric.device):
             for first in range(0, len(images), self.batch_size):

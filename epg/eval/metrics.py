@@ -45,6 +45,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
+from epg.data.adm_crop import adm_center_crop
 from epg.eval.inception_weights import URL_INCEPTION_V3, ensure_inception_weights, load_extractor
 
 if TYPE_CHECKING:
@@ -272,14 +273,23 @@ def extract_features(
     batch_size: int = 100,
     resolution: tuple[int, int] | None = None,
     progress: bool = False,
+    crop_to: int | None = None,
 ) -> Features:
-    """Inception features of an image set; `resolution` (H, W), when given, must match the images."""
+    """Inception features of an image set; `resolution` (H, W), when given, must match the images.
+
+    ``crop_to`` ADM-center-crops images larger than that size to it first (METHOD.md §7), as the DataModule does
+    when it trains at a lower resolution than the shards hold.
+    """
     name = "the image array" if isinstance(source, np.ndarray) else str(source)
     parts: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
     found: tuple[int, int] | None = None
     bar = None
     try:
         for images in image_batches(source, batch_size):
+            if crop_to is not None and min(images.shape[1:3]) > crop_to:
+                from PIL import Image
+
+                images = np.stack([np.asarray(adm_center_crop(Image.fromarray(im), crop_to)) for im in images])
             shape = (int(images.shape[1]), int(images.shape[2]))
             if resolution is not None and shape != tuple(resolution):
                 raise EvalInputError(

@@ -88,9 +88,16 @@ def _adm_statistics(path: Path) -> dict[str, np.ndarray]:
 
 
 def compute_reference(
-    source: str | Path, inception: InceptionFeatures, batch_size: int = 100, progress: bool = False
+    source: str | Path,
+    inception: InceptionFeatures,
+    batch_size: int = 100,
+    progress: bool = False,
+    crop_to: int | None = None,
 ) -> ReferenceStats:
-    """Statistics of a real set: WebDataset shards, an image folder, or an ADM reference .npz."""
+    """Statistics of a real set: WebDataset shards, an image folder, or an ADM reference .npz.
+
+    ``crop_to``: ADM-center-crop larger images to this size first (the resolution a run trains at).
+    """
     text = str(source)
     stored: dict[str, np.ndarray] = {}
     if text.endswith(".npz") and Path(text).is_file():
@@ -105,7 +112,7 @@ def compute_reference(
             return ReferenceStats(
                 stored["mu"], stored["sigma"], stored.get("mu_s"), stored.get("sigma_s"), None, None, 0, text
             )
-    features = extract_features(source, inception, batch_size=batch_size, progress=progress)
+    features = extract_features(source, inception, batch_size=batch_size, progress=progress, crop_to=crop_to)
     mu, sigma = stored.get("mu"), stored.get("sigma")
     if mu is None:
         mu, sigma = statistics(features.pool)

@@ -36,11 +36,10 @@ from epg.eval.metrics import (
     frechet_to_stats,
 )
 from epg.eval.reference import ReferenceStats, open_reference
-from epg.method.normalization import to_uint8
 from epg.sample import LABEL_COUNTS_HELP, counts_digest, label_counts
-from epg.sampling import SAMPLERS, Guidance, default_steps, sample
+from epg.sampling import SAMPLERS, Guidance, SampleSettings, default_steps, generate_batches
 from epg.sampling.grid import GUIDANCE_INTERVAL
-from epg.sampling.per_image import LABEL_MODES, class_labels, image_noise, loop_generators
+from epg.sampling.per_image import LABEL_MODES
 
 POOL_DIM = 2048
 RESULTS_NAME = "sweep.json"
@@ -77,7 +76,6 @@ def sample_images(
     or random over the network's classes (§6.4; none for an unconditional network), random ones with the training
     frequencies ``class_counts`` (uniform when None). Sampling runs in fp32 (§8).
     """
-    device = next(denoiser.parameters()).device
     size = denoiser.image_size
     num_classes = denoiser.null_label
     if labels == "random" and class_counts is not None and len(class_counts) != num_classes:
@@ -85,23 +83,11 @@ def sample_images(
             f"the label counts name {len(class_counts)} classes but the network has {num_classes}: give the counts "
             "of its training classes, or none (uniform labels)"
         )
+    settings = SampleSettings(
+        sampler=sampler, steps=steps, guidance=guidance, labels=labels, seed=seed, class_counts=class_counts
+    )
     chunks = [torch.empty((0, size, size, 3), dtype=torch.uint8)]
-    for start in range(0, len(indices), batch_size):
-        batch = list(indices[start : start + batch_size])
-        z = image_noise(seed, batch, (3, size, size)).to(device)
-        y = None
-        if num_classes is not None:
-            y = torch.from_numpy(class_labels(batch, num, num_classes, labels, seed, class_counts)).to(device)
-        x = sample(
-            denoiser,
-            z,
-            y,
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            generator=loop_generators(seed, batch, device),
-        )
-        chunks.append(to_uint8(x, normalization).cpu())
+    chunks += [images for _, images in generate_batches(denoiser, indices, num, settings, normalization, batch_size)]
     return torch.cat(chunks)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -57,7 +55,6 @@ class EPGModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.updates = 0  # applied optimizer updates; checkpointed
-        self._batch_times: deque[float] = deque(maxlen=51)  # host times of recent batch ends (images/s)
         self.skipped_updates = 0
         self._skips_in_a_row = 0
         self._loss_watch = NonFiniteWatch()
@@ -149,9 +146,13 @@ class EPGModule(L.LightningModule):
         self.reshard_networks()
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> dict:
-        """A per-step LambdaLR that reads the applied-update count, so a skipped step keeps its LR."""
+        """A per-step LambdaLR that reads the applied-update count, so a skipped step keeps its LR.
+
+        Its name makes LearningRateMonitor (the one source of the LR curve) log ``train/lr`` (one parameter group)
+        or ``train/lr/pg1``, ``train/lr/pg2``, … (several).
+        """
         fn: Callable[[int], float] = lambda _: self.lr_multiplier(self.updates)  # noqa: E731
-        return {"scheduler": LambdaLR(optimizer, fn), "interval": "step", "frequency": 1, "name": "lr"}
+        return {"scheduler": LambdaLR(optimizer, fn), "interval": "step", "frequency": 1, "name": "train/lr"}
 
     def make_adamw(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8):
         """AdamW as ``optimizer_impl`` says: "fused" (default) or "foreach", on every device and precision.
@@ -280,21 +281,20 @@ class EPGModule(L.LightningModule):
         self._loss_watch.reset()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Throughput (samples/s, TFLOP/s, MFU) is epg.lightning.callbacks.Throughput's, the LR LearningRateMonitor's.
         self.log("train/updates", float(self.updates), on_step=True, on_epoch=False, rank_zero_only=True)
-        # Images/s over the last ≤50 steps, measured on the host (steady state matches the device).
-        self._batch_times.append(time.perf_counter())
-        if len(self._batch_times) > 1:
-            images = (len(self._batch_times) - 1) * batch[0].shape[0] * self.trainer.world_size
-            rate = images / max(self._batch_times[-1] - self._batch_times[0], 1e-9)
-            self.log("train/images_per_sec", rate, rank_zero_only=True, batch_size=batch[0].shape[0])
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.check_finite_loss()
 
     def on_train_end(self) -> None:
         self.check_finite_loss()
 
-    def on_validation_epoch_start(self) -> None:
-        self._batch_times.clear()  # keep validation time out of the throughput window
+    def log_hp_metric(self, value: float | torch.Tensor) -> None:
+        """Log ``value`` as TensorBoard's ``hp_metric`` (the HPARAMS tab; -1 until the first value) at this step."""
+        if not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"hp_metric": float(value)}, step=self.trainer.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite_loss()  # before anything is written: a checkpoint never holds weights after a NaN step

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from epg.lightning.predict import SampleBatch
 from epg.nn.flops import dense_peak_tflops
 
 
 def _batch_size(batch: Any) -> int:
-    return int(batch[0].shape[0])
+    """Images in a batch: (x, ...) tensors in fit and validate, a SampleBatch of image indices in `epg predict`."""
+    return len(batch) if isinstance(batch, SampleBatch) else int(batch[0].shape[0])
 
 
 class Throughput(ThroughputMonitor):

@@ -1,4 +1,4 @@
-"""LightningCLI entry point of `epg fit|validate|test|predict -c CONFIG.yaml`: run folder, resume and fault rules."""
+"""LightningCLI entry point of `epg fit|validate|predict -c CONFIG.yaml`: run folder, resume and fault rules."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from epg.lightning.faults import (
     recover_interrupted_swap,
 )
 from epg.lightning.finetune import FinetuneModule, restoring_checkpoint
+from epg.lightning.predict import SampleWriter
 from epg.lightning.pretrain import PretrainModule
 from epg.nn.official import CheckpointMismatchError
 from epg.nn.presets import ENCODER_FIELDS, NetworkOptions, get_config, with_stage1_encoder
@@ -44,7 +45,7 @@ from epg.nn.presets import ENCODER_FIELDS, NetworkOptions, get_config, with_stag
 # Exception types that, raised while building the model/data/trainer from a config, mean a bad config value.
 CONFIG_EXCEPTIONS = (ValueError, TypeError, KeyError, FileNotFoundError, CheckpointMismatchError)
 MODULES = (PretrainModule, FinetuneModule)  # selectable by name: --model FinetuneModule, --model.help FinetuneModule
-CHECKPOINT_SUBCOMMANDS = ("validate", "test", "predict")  # they use a trained checkpoint: --ckpt_path last
+CHECKPOINT_SUBCOMMANDS = ("validate", "predict")  # they use a trained checkpoint: --ckpt_path last
 LINKS = {"model.init_args.normalization": "data.normalization"}  # target: source, options that must agree
 # Lightning types these float-first, so that a YAML `1` became 1.0 = every batch; an int now means batches.
 INT_FIRST = tuple(f"trainer.limit_{split}_batches" for split in ("train", "val", "test", "predict"))
@@ -131,6 +132,9 @@ class EPGCLI(LightningCLI):
         # LightningCLI has no public hook for the defaults of subcommand (Trainer.fit) arguments; lightning is <2.7.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         defaults = {"ckpt_path": "last"} if subcommand in ("fit", *CHECKPOINT_SUBCOMMANDS) else {}
+        if subcommand == "predict":  # `epg predict`: epg sample's options as --sample.*; images go to files only
+            parser.add_lightning_class_args(SampleWriter, "sample")
+            defaults["return_predictions"] = False
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
             defaults["weights_only"] = True
         if defaults:
@@ -150,6 +154,11 @@ class EPGCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         refuse_link_targets(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and predict: no ``test``, as there is no test split (`epg test` says what to run instead)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "test"}
 
     def _section(self) -> Any:
         subcommand = self.config.get("subcommand")
@@ -266,12 +275,6 @@ class EPGCLI(LightningCLI):
     def validate(self, **kwargs: Any) -> None:
         self._run(self.trainer.validate, **kwargs)
 
-    def test(self, **kwargs: Any) -> None:
-        self._run(self.trainer.test, **kwargs)
-
-    def predict(self, **kwargs: Any) -> None:
-        self._run(self.trainer.predict, **kwargs)
-
     def _run(self, method: Callable, **kwargs: Any) -> None:
         """Run a Trainer method; set-up errors of the data and Lightning's misconfiguration errors become
         :class:`ConfigError`, and a Ctrl-C that saved a checkpoint exits with status 130."""
@@ -289,6 +292,12 @@ class EPGCLI(LightningCLI):
             if converted is None:
                 raise
             raise converted from err
+
+    def predict(self, **kwargs: Any) -> None:
+        """``trainer.predict`` over the image indices that the :class:`SampleWriter` still has to write."""
+        kwargs.pop("datamodule", None)  # the inputs are image indices, not data
+        writer = self._get(self.config_init, "sample")
+        self._run(self.trainer.predict, dataloaders=writer.dataloader(kwargs.get("ckpt_path")), **kwargs)
 
 
 class AcceptedChanges(Callback):
@@ -590,7 +599,7 @@ def check_config(model_args: Mapping, data: Mapping, subcommand: str | None = No
             f"stage-1 checkpoint {init_from} does not exist; train stage 1 first (epg fit -c configs/pretrain/...) "
             "or point it at an RCM file",
         )
-    if not subcommand:
+    if subcommand in (None, "predict"):  # predict samples from noise: it reads no shards
         return
     if subcommand == "fit" and data and not data.get("train_shards"):
         raise ConfigError("data.train_shards", "is not set; pass shards such as data/train/train-{000000..000004}.tar")

@@ -7,7 +7,7 @@ import contextvars
 import copy
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -25,6 +25,10 @@ from epg.method.normalization import NORMALIZATIONS, denormalize
 from epg.nn.network import EPGNetwork, EPGRepresentation, build_network, build_representation
 from epg.nn.official import CheckpointMismatchError, load_into
 from epg.nn.presets import NetworkOptions, network_overrides, with_stage1_encoder
+from epg.sampling.generate import generate
+
+if TYPE_CHECKING:
+    from epg.lightning.predict import SampleBatch
 
 OBJECTIVES = ("diffusion", "consistency")
 LR_SCHEDULES = ("cosine", "steps")
@@ -199,6 +203,7 @@ class FinetuneModule(EPGModule):
             self.aux_net = aux.requires_grad_(False).eval()
         self._aux_in_checkpoint = representation is None
         self._val_count = 0
+        self._hp_source: torch.Tensor | None = None  # the val/fid value last logged as hp_metric
 
     @classmethod
     def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> FinetuneModule:
@@ -318,8 +323,6 @@ class FinetuneModule(EPGModule):
             self.log("train/consistency", terms.consistency.detach().mean(), **log)
             self.log("train/aux", terms.aux.detach().mean(), **log)
         self.log("train/loss", terms.loss.detach(), prog_bar=True, **log)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
         return terms.loss
 
     def _micro_batch(self, batch_idx: int) -> int:
@@ -342,6 +345,14 @@ class FinetuneModule(EPGModule):
             self.log(
                 f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
             )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        # Stage 2's headline number: the in-loop FID (callbacks run before this hook) also becomes hp_metric.
+        fid = self.trainer.callback_metrics.get("val/fid")
+        if fid is not None and fid is not self._hp_source:
+            self._hp_source = fid
+            self.log_hp_metric(fid)
 
     # ---- validation --------------------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -405,6 +416,17 @@ class FinetuneModule(EPGModule):
             net.train(was_training)
         pixels = denormalize(images.float(), hp.normalization).clamp(0, 1)
         return make_grid(pixels.cpu(), nrow=math.ceil(math.sqrt(n)))
+
+    # ---- prediction (`epg predict`) ----------------------------------------------------------------------------
+    def predict_step(self, batch: SampleBatch, batch_idx: int = 0) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) of a batch of image indices (`epg predict`, :mod:`epg.lightning.predict`).
+
+        Sampled by the one generate loop, :func:`epg.sampling.generate`, with the batch's settings and EMA copy, in
+        fp32 whatever the Trainer's precision unless the settings ask for autocast (METHOD.md §8).
+        """
+        net = self.net if batch.ema is None else self.ema_nets[batch.ema]
+        with torch.autocast(self.device.type, enabled=False):
+            return generate(self.denoiser(net), batch.indices, batch.num, batch.settings, self.hparams.normalization)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -24,6 +24,7 @@ from epg.method.ema import ema_update_
 from epg.method.losses import gather_local_first, info_nce
 from epg.method.lr import warmup_cosine
 from epg.method.noise import c_in, c_noise, resolution_shift
+from epg.method.normalization import denormalize
 from epg.nn.network import EPGRepresentation, build_representation
 from epg.nn.presets import NetworkOptions, network_overrides
 
@@ -229,10 +230,28 @@ class PretrainModule(EPGModule):
         self.log("train/loss_consistency", out["loss_consistency"], batch_size=b)
         scalars = {"num_scales": n_scales, "pair_index": index, "sigma_a": sigma_a, "sigma_b": sigma_b}
         scalars["tau_consistency"] = tau_r
-        scalars["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         for name, value in scalars.items():
             self.log(f"train/{name}", float(value), batch_size=b, rank_zero_only=True)
+        if step == 0 and batch_idx == 0:
+            self.log_views(x0, v1, v2)
         return out["loss"]
+
+    def log_views(self, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
+        """Once per run (step 0): an image grid of the first ``count`` crops x0 and their two augmented views.
+
+        Rows: x0 (the consistency branch's clean crop), view 1, view 2 (the contrastive branch's inputs before noise,
+        METHOD.md §3.4, §7). Written to loggers that take images (TensorBoard: ``train/views``).
+        """
+        if not self.trainer.is_global_zero or self.logger is None:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_image"):
+            return
+        from torchvision.utils import make_grid
+
+        rows = [denormalize(x[:count].detach().float(), self.hparams.normalization) for x in (x0, v1, v2)]
+        grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=min(count, x0.shape[0]), padding=1)
+        experiment.add_image("train/views", grid, self.trainer.global_step)
 
     # ---- hooks ----
     def configure_optimizers(self) -> dict:
@@ -325,3 +344,5 @@ class PretrainModule(EPGModule):
         hp = self.hparams
         acc = knn_accuracy(bank_feats, bank_labels, queries, labels, k=hp.knn_k, temperature=hp.knn_temperature)
         self.log("val/knn_acc", acc, prog_bar=True, sync_dist=True)  # same value on every rank
+        if not self.trainer.sanity_checking:
+            self.log_hp_metric(acc)  # stage 1's headline number

@@ -2,6 +2,7 @@
 
 from epg.sampling.consistency import consistency
 from epg.sampling.entry import SAMPLERS, SampleResult, default_steps, sample, sampler_options
+from epg.sampling.generate import SampleSettings, generate, generate_batches
 from epg.sampling.grid import GUIDANCE_INTERVAL, in_interval, sampling_sigmas
 from epg.sampling.guidance import Guidance, GuidedDenoiser, as_guidance
 from epg.sampling.heun import euler, heun
@@ -13,11 +14,14 @@ __all__ = [
     "Guidance",
     "GuidedDenoiser",
     "SampleResult",
+    "SampleSettings",
     "as_guidance",
     "consistency",
     "default_steps",
     "edm_stochastic",
     "euler",
+    "generate",
+    "generate_batches",
     "heun",
     "in_interval",
     "sample",

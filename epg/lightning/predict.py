@@ -1,0 +1,194 @@
+"""`epg predict`: `epg sample` as a Lightning prediction run (METHOD.md §6, §8).
+
+``epg predict -c CONFIG --ckpt_path CKPT [--sample.num 50000 --sample.cfg 2.5 ...]`` builds the config's Trainer and
+FinetuneModule, restores the checkpoint and runs ``trainer.predict`` over the image indices still missing from the
+output folder: :meth:`FinetuneModule.predict_step` turns each batch of indices into images through the one generate
+loop (:func:`epg.sampling.generate`) and :class:`SampleWriter` writes them as PNGs, then ``<out>.npz`` (ADM layout).
+The options are `epg sample`'s, and the folder is guarded by the same settings record, so the images equal those of
+``epg sample CKPT`` with the same options (the writer prints that command), and either command resumes the other's
+folder. Several devices (``trainer.devices``, DDP) split the indices; image i depends only on (seed, i).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from epg.checkpoint import read_global_step
+from epg.lightning.faults import ConfigError
+from epg.sample import SampleRun, parse_args
+from epg.sampling.generate import SampleSettings
+from epg.sampling.grid import GUIDANCE_INTERVAL
+from epg.sampling.per_image import LABEL_MODES
+
+PROG = "epg predict"
+
+
+class SampleBatch:
+    """Image indices for :meth:`FinetuneModule.predict_step`, with the settings and the weights that decide them.
+
+    A plain object (no ``.to``, not a dataclass), so Lightning hands it to ``predict_step`` as it is.
+    """
+
+    def __init__(self, indices: list[int], num: int, settings: SampleSettings, ema: int | None) -> None:
+        self.indices = indices
+        self.num = num
+        self.settings = settings
+        self.ema = ema
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _Missing(Dataset):
+    """The indices a writer still has to write, read when Lightning builds its sampler (after the writer's setup)."""
+
+    def __init__(self, writer: SampleWriter) -> None:
+        self.writer = writer
+
+    def __len__(self) -> int:
+        return len(self.writer.todo)
+
+    def __getitem__(self, position: int) -> int:
+        return self.writer.todo[position]
+
+
+class SampleWriter(BasePredictionWriter):
+    """Write the predictions of `epg predict` like `epg sample`: PNGs, ``<out>.npz``, resumable, split over ranks.
+
+    Args:
+        out: folder of 000000.png …; the npz goes next to it as ``<out>.npz``. Default:
+            ``<trainer.default_root_dir>/samples/<checkpoint>-step<N>_<settings>``.
+        num: number of images (50000 for FID-50K).
+        ema: EMA copy index, or None for the online weights.
+        sampler, steps: None picks the checkpoint objective's sampler (heun for a DM, consistency for a CM) and that
+            sampler's step count (heun 32, consistency 1).
+        cfg: classifier-free guidance scale w (None or 1: none); interval: its σ interval (unshifted; None: all).
+        labels: "balanced" (num/C per class in class order) or "random" (training frequencies, METHOD.md §6.4).
+        label_counts: class frequencies of random labels: "auto" (the training shards the checkpoint records),
+            training shards or their dataset.json, or "uniform".
+        seed: image i depends only on (seed, i).
+        batch: images per device batch (100 as in the paper).
+        autocast: "none" (fp32 sampling, §8), "bf16" or "fp16".
+        npz: also write ``<out>.npz`` once every PNG exists.
+    """
+
+    def __init__(
+        self,
+        out: str | None = None,
+        num: int = 50_000,
+        ema: int | None = 0,
+        sampler: Literal["heun", "euler", "stochastic", "consistency"] | None = None,
+        steps: int | None = None,
+        cfg: float | None = None,
+        interval: tuple[float, float] | None = GUIDANCE_INTERVAL,
+        labels: Literal["balanced", "random"] = "balanced",
+        label_counts: str = "auto",
+        seed: int = 0,
+        batch: int = 100,
+        autocast: Literal["none", "bf16", "fp16"] = "none",
+        npz: bool = True,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        self.out, self.num, self.ema, self.sampler, self.steps = out, num, ema, sampler, steps
+        self.cfg, self.guidance_interval = cfg, interval  # `self.interval` is BasePredictionWriter's
+        self.labels, self.label_counts = labels, label_counts
+        self.seed, self.batch, self.autocast, self.npz = seed, batch, autocast, npz
+        self.checkpoint: str | os.PathLike | None = None
+        self.run: SampleRun | None = None
+        self.todo: list[int] = []
+        self._ema = ema
+
+    # ---- the `epg sample` run this writer stands for -----------------------------------------------------------
+    def sample_argv(self, checkpoint: str, objective: str, out: str) -> list[str]:
+        """The `epg sample` arguments that make the same images into the same folder."""
+        sampler = self.sampler or ("consistency" if objective == "consistency" else "heun")
+        lo_hi = self.guidance_interval
+        interval = "none" if lo_hi is None else ",".join(str(float(v)) for v in lo_hi)
+        ema = "none" if self.ema is None else str(self.ema)
+        argv = [checkpoint, "--out", out, "--num", str(self.num), "--ema", ema, "--batch", str(self.batch)]
+        argv += ["--sampler", sampler, "--interval", interval, "--labels", self.labels, "--seed", str(self.seed)]
+        argv += ["--label-counts", self.label_counts, "--autocast", self.autocast]
+        argv += ["--steps", str(self.steps)] if self.steps else []
+        argv += ["--cfg", str(float(self.cfg))] if self.cfg is not None else []
+        return argv + ([] if self.npz else ["--no-npz"])
+
+    def default_out(self, trainer: L.Trainer, checkpoint: str, objective: str) -> str:
+        """``<default_root_dir>/samples/<checkpoint>-step<N>_<ema>_<sampler><steps>_cfg<w>_<labels>_seed<s>_n<num>``."""
+        args = parse_args(self.sample_argv(checkpoint, objective, "-"))
+        weights = "online" if self.ema is None else f"ema{self.ema}"
+        cfg = 1.0 if self.cfg is None else self.cfg
+        name = f"{Path(checkpoint).stem}-step{read_global_step(checkpoint)}_{weights}_{args.sampler}{args.steps}"
+        name += f"_cfg{cfg:g}_{self.labels}_seed{self.seed}_n{self.num}"
+        return os.path.join(trainer.default_root_dir, "samples", name)
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------------------
+    def dataloader(self, checkpoint: str | os.PathLike | None) -> DataLoader:
+        """Batches of the missing image indices of ``checkpoint``'s samples as :class:`SampleBatch`es.
+
+        The indices are listed in :meth:`setup`, before any rank writes, and Lightning splits them over the ranks.
+        """
+        self.checkpoint = checkpoint
+        return DataLoader(_Missing(self), batch_size=self.batch, shuffle=False, collate_fn=self._batch)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the options against the module and the folder; list the missing images."""
+        if stage != "predict":
+            return
+        if not hasattr(pl_module, "denoiser"):
+            raise ConfigError(
+                "model",
+                f"epg predict samples a stage-2 FinetuneModule, not {type(pl_module).__name__}; stage 1 makes no "
+                "images (`epg validate` reports its val/knn_acc)",
+            )
+        checkpoint = self._checkpoint_file(trainer)
+        copies = len(pl_module.ema_nets)
+        if self.ema is not None and copies and not 0 <= self.ema < copies:
+            raise ConfigError("sample.ema", f"{self.ema}, but the checkpoint keeps {copies} EMA copies (None: online)")
+        self._ema = self.ema if copies else None  # no EMA kept: the online weights, as `epg sample` does
+        objective = pl_module.hparams.get("objective", "diffusion")
+        out = self.out or self.default_out(trainer, checkpoint, objective)
+        argv = self.sample_argv(checkpoint, objective, out)
+        net = pl_module.net if self._ema is None else pl_module.ema_nets[self._ema]
+        try:
+            self.run = SampleRun.prepare(parse_args(argv), pl_module.denoiser(net), trainer.global_rank, PROG)
+        except SystemExit as err:  # `epg sample`'s one-line messages
+            raise ConfigError("sample", str(err).removeprefix(f"{PROG}: ")) from None
+        self.todo = self.run.missing()
+        rank_zero_info(
+            f"{PROG}: {len(self.todo)} of {self.num} images to write into {out} "
+            f"(the images of `epg sample {shlex.join(argv)}`)"
+        )
+
+    def _checkpoint_file(self, trainer: L.Trainer) -> str:
+        checkpoint = None if self.checkpoint is None else str(self.checkpoint)
+        if checkpoint == "last" and trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            checkpoint = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
+        if not checkpoint or not os.path.exists(checkpoint):
+            found = f"{checkpoint} does not exist" if checkpoint else "no checkpoint given"
+            raise ConfigError("ckpt_path", f"{found}: epg predict samples a trained checkpoint, pass --ckpt_path FILE")
+        return checkpoint
+
+    def _batch(self, indices: list[int]) -> SampleBatch:
+        return SampleBatch(list(indices), self.num, self.run.settings, self._ema)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.run.write(batch.indices, prediction)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier("SampleWriter.npz")
+        if not trainer.is_global_zero:
+            return
+        try:
+            self.run.finish(pl_module.denoiser())
+        except SystemExit as err:
+            raise ConfigError("sample", str(err).removeprefix(f"{PROG}: ")) from None
