@@ -33,6 +33,7 @@ trainer:
   enable_progress_bar: false
   default_root_dir: {root}
   callbacks:
+    - class_path: lightning.pytorch.callbacks.LearningRateMonitor  # train/lr/pg1, pg2 (the only LR source)
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args:
         every_n_train_steps: 2
@@ -113,7 +114,7 @@ def test_run_folder_resume_rules_and_changed_lr(tmp_path, demo_data, capsys, cap
     root = tmp_path / "run"
     # The model's seed is 1234: both seeds are kept (data/seed in the logs), no "Error while merging hparams".
     config = [str(write(tmp_path / "fit.yaml", root, demo_data)), "--data.seed", "7"]
-    for command in ("validate", "test", "predict"):  # no checkpoint yet: one line, not freshly initialised weights
+    for command in ("validate", "predict"):  # no checkpoint yet: one line, not freshly initialised weights
         assert main([command, "-c", *config]) == 2
         assert last_line(capsys.readouterr().err) == (
             f"epg {command}: ckpt_path: no checkpoint of this run in {root}/checkpoints: train it first (epg fit "
@@ -157,7 +158,7 @@ def test_run_folder_resume_rules_and_changed_lr(tmp_path, demo_data, capsys, cap
 
     events = EventAccumulator(str(root / "lightning_logs/version_0"))
     events.Reload()
-    lrs = {e.step: e.value for e in events.Scalars("train/lr")}
+    lrs = {e.step: e.value for e in events.Scalars("train/lr/pg1")}
     assert lrs[1] == pytest.approx(1e-3 * warmup_cosine(1, 1, 2)) and lrs[2] == pytest.approx(
         2e-3 * warmup_cosine(2, 1, 6)
     )

@@ -35,6 +35,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     try:
         prepare_demo("runs/demo/data")
         short = ["--trainer.max_steps", "2", "--model.init_args.init_from", "null"]
+        short += ["--model.init_args.network.image_size", "16"]  # the demo's size, else given by its stage-1 file
         short += ["--data.global_batch_size", "8", "--data.num_workers", "0"]
         assert epg(["fit", "-c", str(CONFIG), *short]) == 0
     finally:
