@@ -24,7 +24,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
-# The MNIST demo (epg demo): DEVICE=cpu (default; ~13 min on 2 cores) or DEVICE=gpu (configs/demo/gpu: the CPU
+# The MNIST demo (epg demo): DEVICE=cpu (default; ~10 min on 2 cores) or DEVICE=gpu (configs/demo/gpu: the CPU
 # recipe trained longer on one GPU, aimed at <= 10 min but not yet timed on a GPU; output in runs/demo_gpu),
 # e.g. `make demo DEVICE=gpu`. demo-consistency: the 1-step consistency model.
 DEVICE ?= cpu
