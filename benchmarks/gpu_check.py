@@ -130,49 +130,56 @@ def run_demo(name: str, args: str, out_dir: Path, timeout: int, demo_dir: Path) 
     return record
 
 
-def run_one(name: str, args: str, out_dir: Path, timeout: int) -> dict:
-    path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"bench_{name}.json"
-    cmd = [sys.executable, "-m", "epg.cli", "bench", *args.split(), "--out", str(path)]
+# Tools that write their result as JSON to --out: kind -> (argv after the interpreter, the command as recorded).
+JSON_TOOLS = {
+    "bench": (["-m", "epg.cli", "bench"], "epg bench"),
+    "optimizer": (["benchmarks/optimizer_step.py"], "python benchmarks/optimizer_step.py"),
+    "lifecycle": (["-m", "tests._lifecycle"], "python -m tests._lifecycle"),
+}
+
+
+def run_json(kind: str, name: str, args: str, timeout: int) -> tuple[dict, dict | None]:
+    """Run a JSON_TOOLS tool with ARGS; the run's record and the JSON it wrote (None, with an error, when none)."""
+    prefix, label = JSON_TOOLS[kind]
+    path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"{name}.json"
+    cmd = [sys.executable, *prefix, *args.split(), "--out", str(path)]
+    record: dict = {"name": name, "command": f"{label} {args}"}
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    record = {"name": name, "command": "epg bench " + args, "wall_s": round(time.time() - start, 1)}
-    if proc.returncode != 0:
-        record["error"] = proc.stderr[-2000:]
-        return record
-    record["result"] = json.loads(path.read_text())["results"][0]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        record["error"] = f"timeout after {timeout}s"
+        return record, None
+    record["wall_s"] = round(time.time() - start, 1)
+    if not path.exists():
+        record["error"] = (proc.stdout[-1000:] + proc.stderr[-3000:]).strip()
+        return record, None
+    return record, json.loads(path.read_text())
+
+
+def run_one(name: str, args: str, out_dir: Path, timeout: int) -> dict:
+    """`epg bench ARGS`."""
+    record, payload = run_json("bench", name, args, timeout)
+    if payload is not None:
+        record["result"] = payload["results"][0]
     return record
 
 
 def run_optimizer(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     """benchmarks/optimizer_step.py ARGS: fused vs foreach AdamW update times."""
-    path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"{name}.json"
-    cmd = [sys.executable, "benchmarks/optimizer_step.py", *args.split(), "--out", str(path)]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    record = {"name": name, "command": "python benchmarks/optimizer_step.py " + args}
-    record["wall_s"] = round(time.time() - start, 1)
-    if proc.returncode != 0:
-        record["error"] = proc.stderr[-2000:]
-        return record
-    record["result"] = json.loads(path.read_text())
+    record, payload = run_json("optimizer", name, args, timeout)
+    if payload is not None:
+        record["result"] = payload
     return record
 
 
 def run_lifecycle(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     """`python -m tests._lifecycle ARGS`: two `epg fit` runs of a config (the second resumes), boundaries checked."""
-    path = Path(tempfile.mkdtemp(prefix="epg_gpu_check_")) / f"{name}.json"
-    cmd = [sys.executable, "-m", "tests._lifecycle", *args.split(), "--out", str(path)]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    record = {"name": name, "command": "python -m tests._lifecycle " + args, "wall_s": round(time.time() - start, 1)}
-    if not path.exists():
-        record["error"] = (proc.stdout[-1000:] + proc.stderr[-3000:]).strip()
-        return record
-    result = json.loads(path.read_text())
-    if result.get("ok"):
-        record["result"] = result
-    else:
-        record["error"] = result.get("traceback") or result.get("error")
+    record, payload = run_json("lifecycle", name, args, timeout)
+    if payload is not None and payload.get("ok"):
+        record["result"] = payload
+    elif payload is not None:
+        record["error"] = payload.get("traceback") or payload.get("error")
     return record
 
 
@@ -209,10 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     for runner, timeout, name, run_args, target, check in runs:
         try:
             record = runner(name, run_args, out_dir, timeout)
-        except subprocess.TimeoutExpired:
-            tools = {run_one: "epg bench ", run_lifecycle: "python -m tests._lifecycle "}
-            tool = tools.get(runner, "python benchmarks/optimizer_step.py " if runner is run_optimizer else "epg demo ")
-            record = {"name": name, "command": tool + run_args, "error": f"timeout after {timeout}s"}
+        except subprocess.TimeoutExpired:  # run_demo's (the JSON tools record their own time-outs)
+            record = {"name": name, "command": "epg demo " + run_args, "error": f"timeout after {timeout}s"}
         record["target"] = target
         result = record.get("result")
         if result is not None and callable(check):
