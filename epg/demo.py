@@ -167,7 +167,7 @@ def run_stage(
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
-def save_class_grid(denoiser, path: Path, sampler: str, steps: int | None, guidance: float | None, norm: str) -> None:
+def save_class_grid(denoiser, path: Path, sampler: str, steps: int | None, guidance, norm: str) -> None:
     """A 10x10 PNG grid, row c = ten samples of class c, from fixed noise (seed GRID_SEED)."""
     import torch
     from torchvision.utils import save_image
@@ -252,6 +252,8 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     from epg.eval.metrics import InceptionFeatures
     from epg.eval.reference import ReferenceStats, load_reference
     from epg.eval.sweep import fid_to_reference, pool_features, sample_images
+    from epg.sampling.grid import GUIDANCE_INTERVAL
+    from epg.sampling.guidance import Guidance, as_guidance
     from epg.sampling.per_image import class_labels
 
     torch.set_num_threads(opts.threads)
@@ -259,10 +261,13 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     init = cfg["model"]["init_args"]
     sampler = init.get("sample_sampler") or ("consistency" if init["objective"] == "consistency" else "heun")
     steps = init.get("sample_steps")
-    guidance = init.get("sample_guidance")
+    interval = init.get("sample_guidance_interval", GUIDANCE_INTERVAL)
+    scale = init.get("sample_guidance")
+    guidance = as_guidance(None if scale is None else Guidance(scale, None if interval is None else tuple(interval)))
     model = load_denoiser(ckpt, ema=0)
     denoiser = model.denoiser.to(device)
-    results: dict = {"sampler": sampler, "sampler_steps": steps, "cfg_scale": guidance, "weights": model.weights}
+    results: dict = {"sampler": sampler, "sampler_steps": steps, "cfg_scale": scale, "weights": model.weights}
+    results["cfg_interval"] = None if guidance is None or guidance.interval is None else list(guidance.interval)
 
     grid = out / f"samples_{opts.objective}.png"
     t0 = time.perf_counter()

@@ -196,3 +196,13 @@ def test_grid_spreads_over_the_share():
     assert grid.shape[0] == 3 and grid.max() <= 1
     values = sorted({round(v * 255) for v in np.unique(grid.numpy())} - {0})
     assert values == [3, 6, 9]  # picks 0, 3, 6, 9 (0 is also the padding colour)
+
+
+def test_guidance_interval_defaults_to_the_paper_and_none_guides_every_level():
+    from epg.sampling.grid import GUIDANCE_INTERVAL
+
+    paper = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=2.0)
+    assert paper.guidance.scale == 2.0 and paper.guidance.interval == GUIDANCE_INTERVAL
+    every = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=3.0, guidance_interval=None)
+    assert every.guidance.interval is None
+    assert InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=1.0).guidance is None

@@ -211,3 +211,23 @@ def test_noise_draws_differ_per_micro_batch_and_repeat_per_key(stage1):
     m = make(stage1[0])
     draw = lambda micro: torch.randn(4, generator=m.noise_generator(torch.device("cpu"), micro))  # noqa: E731
     assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+
+
+def test_grid_guidance_interval_defaults_to_the_paper_and_none_guides_every_level(stage1, monkeypatch):
+    """sample_guidance_interval: the paper's (0.19, 1.61] by default (METHOD.md §6.2); None guides all levels."""
+    from epg.sampling.grid import GUIDANCE_INTERVAL
+
+    assert make(stage1[0]).sample_guidance is None  # no scale: no guidance
+    assert make(stage1[0], sample_guidance=1.0).sample_guidance is None  # w = 1 is no guidance
+    assert make(stage1[0], sample_guidance=3.0).sample_guidance.interval == GUIDANCE_INTERVAL
+    module = make(stage1[0], sample_guidance=3.0, sample_guidance_interval=None, grid_size=4, sample_steps=4)
+    assert module.sample_guidance.scale == 3.0 and module.sample_guidance.interval is None
+    with pytest.raises(ValueError, match="interval"):
+        make(stage1[0], sample_guidance=3.0, sample_guidance_interval=(1.0, 0.5))
+    seen = []
+    import epg.sampling
+
+    real_sample = epg.sampling.sample
+    monkeypatch.setattr(epg.sampling, "sample", lambda *a, **k: seen.append(k["guidance"]) or real_sample(*a, **k))
+    module.sample_grid(ema=False)
+    assert seen == [module.sample_guidance]

@@ -41,6 +41,8 @@ from epg.eval.reference import ReferenceStats, compute_reference, load_reference
 from epg.eval.reference_fid import ReferenceFID
 from epg.eval.sweep import rank_indices, sample_images
 from epg.sampling import SAMPLERS
+from epg.sampling.grid import GUIDANCE_INTERVAL
+from epg.sampling.guidance import Guidance, as_guidance
 from epg.sampling.per_image import LABEL_MODES
 
 METRIC = "val/fid"
@@ -90,6 +92,8 @@ class InLoopFID(Callback):
             Larger images are ADM-center-cropped to the training resolution first (as the DataModule does), and
             nothing is computed when ``trainer.max_steps`` ends the run before the first evaluation.
         sampler, steps, guidance: passed to ``epg.sampling.sample`` (METHOD.md §6; guidance = CFG scale w).
+        guidance_interval: the CFG σ interval (unshifted, applied as (lo·s_H, hi·s_H]; default the paper's, §6.2;
+            None: every level).
         ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
         batch_size: images per sampling and Inception batch on each rank.
         seed: image i's noise and label depend only on (seed, i).
@@ -107,6 +111,7 @@ class InLoopFID(Callback):
         sampler: str = "heun",
         steps: int = 32,
         guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = GUIDANCE_INTERVAL,
         ema_index: int | None = 0,
         batch_size: int = 100,
         seed: int = 0,
@@ -130,7 +135,8 @@ class InLoopFID(Callback):
         self.reference_source = None if reference is None else str(reference)
         self.sampler = sampler
         self.steps = steps
-        self.guidance = guidance
+        interval = None if guidance_interval is None else tuple(float(v) for v in guidance_interval)
+        self.guidance = None if guidance is None else as_guidance(Guidance(guidance, interval))
         self.ema_index = ema_index
         self.batch_size = batch_size
         self.seed = seed

@@ -26,6 +26,8 @@ from epg.nn.network import EPGNetwork, EPGRepresentation, build_network, build_r
 from epg.nn.official import CheckpointMismatchError, load_into
 from epg.nn.presets import NetworkOptions, network_overrides, with_stage1_encoder
 from epg.sampling.generate import generate
+from epg.sampling.grid import GUIDANCE_INTERVAL
+from epg.sampling.guidance import Guidance, as_guidance
 
 if TYPE_CHECKING:
     from epg.lightning.predict import SampleBatch
@@ -99,7 +101,9 @@ class FinetuneModule(EPGModule):
         val_sigmas, val_seed: unshifted noise levels and seed of the validation denoising MSE.
         sample_every_n_val: log a sample grid every n-th validation (0: never); grid_size, grid_seed fix the noise and
             labels; sample_sampler/sample_steps/sample_guidance go to ``epg.sampling.sample`` (None: the objective's
-            default sampler, "heun" 32 steps for the DM and "consistency" 1 step for the CM).
+            default sampler, "heun" 32 steps for the DM and "consistency" 1 step for the CM);
+            sample_guidance_interval is the CFG σ interval (unshifted, applied as (lo·s_H, hi·s_H]; default the
+            paper's (0.19, 1.61], METHOD.md §6.2; None: every level).
         compile: ``torch.compile`` the online network (and the CM target) in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
     """
@@ -147,6 +151,7 @@ class FinetuneModule(EPGModule):
         sample_sampler: str | None = None,
         sample_steps: int | None = None,
         sample_guidance: float | None = None,
+        sample_guidance_interval: tuple[float, float] | None = GUIDANCE_INTERVAL,
         compile: bool = False,
         optimizer_impl: Literal["fused", "foreach"] = "fused",
     ) -> None:
@@ -179,6 +184,9 @@ class FinetuneModule(EPGModule):
         self.grad_clip = (None if cm else 0.5) if grad_clip is None else (grad_clip or None)
         self.p_mean = p_mean if p_mean is not None else (-0.4 if cm else -1.2)
         self.sample_sampler = sample_sampler or OBJECTIVE_SAMPLERS[objective]
+        interval = None if sample_guidance_interval is None else tuple(float(v) for v in sample_guidance_interval)
+        # The grid's guidance (None when sample_guidance is None or 1); an invalid interval fails here, not at a grid.
+        self.sample_guidance = as_guidance(None if sample_guidance is None else Guidance(sample_guidance, interval))
 
         self.net: EPGNetwork = build_network(preset, **(network or {}))
         if representation is not None:
@@ -410,7 +418,7 @@ class FinetuneModule(EPGModule):
         try:
             denoiser = self.denoiser(net)
             images = sample(
-                denoiser, z, y, sampler=self.sample_sampler, steps=hp.sample_steps, guidance=hp.sample_guidance
+                denoiser, z, y, sampler=self.sample_sampler, steps=hp.sample_steps, guidance=self.sample_guidance
             )
         finally:
             net.train(was_training)
