@@ -13,16 +13,17 @@ import platform
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-from epg.nn.flops import dense_peak_tflops, train_flops_per_image
+from epg.io import pick_device, write_text
+from epg.nn.flops import dense_peak_tflops, forward_macs, train_flops_per_image
 from epg.nn.presets import get_config
+from epg.sampling.options import AUTOCAST
 
 
 def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device().type
 
 
 def _sync(device: str) -> None:
@@ -164,8 +165,13 @@ def bench_sample(
     repeats: int = 2,
     autocast: str | None = None,
     compile_network: bool = False,
+    peak_tflops: float | None = None,
 ) -> dict:
-    """Time the sampler (Heun, interval CFG) on a randomly initialised network of ``preset``."""
+    """Time the sampler (Heun, interval CFG) on a randomly initialised network of ``preset``.
+
+    TFLOP/s count 2 FLOPs per multiply-add of one forward pass per network evaluation (the NFE, CFG pairs included;
+    ``epg.nn.flops.forward_macs``); ``peak_tflops`` adds the MFU.
+    """
     from epg.method.denoiser import Denoiser
     from epg.nn.network import build_network
     from epg.sampling import sample
@@ -180,7 +186,7 @@ def bench_sample(
     cfg = net.config
     z = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, cfg.num_classes or 1, (batch,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[autocast]
+    dtype = AUTOCAST[autocast or "none"]
     run = lambda: sample(den, z, y, steps=steps, guidance=guidance, autocast=dtype, return_info=True)  # noqa: E731
     info = run()  # warm-up (and compilation)
     _sync(device)
@@ -189,7 +195,8 @@ def bench_sample(
         info = run()
     _sync(device)
     seconds = (time.perf_counter() - start) / repeats
-    return {
+    tflops = batch * info.nfe * 2 * forward_macs(preset).total / seconds / 1e12
+    result = {
         "kind": "sample",
         "preset": preset,
         "batch": batch,
@@ -201,7 +208,11 @@ def bench_sample(
         "compile": compile_network,
         "seconds_per_batch": round(seconds, 4),
         "images_per_s": round(batch / seconds, 2),
+        "tflops": round(tflops, 3),
     }
+    if peak_tflops:
+        result["mfu"] = round(tflops / peak_tflops, 4)
+    return result
 
 
 def environment() -> dict:
@@ -224,10 +235,7 @@ def _write(results: list[dict], out: str | None) -> None:
     text = json.dumps(payload, indent=2)
     print(text)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{out}.tmp"
-        Path(tmp).write_text(text + "\n")
-        os.replace(tmp, out)
+        write_text(out, text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=32)
     s.add_argument("--cfg", type=float, default=2.5)
     s.add_argument("--repeats", type=int, default=2)
-    s.add_argument("--autocast", choices=("bf16", "fp16"), default=None)
+    s.add_argument("--autocast", choices=[k for k in AUTOCAST if k != "none"], default=None)
     s.add_argument("--compile", action="store_true")
     peak = dense_peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     for p in (t, s):
@@ -282,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         result = bench_sample(
-            args.preset, args.batch, args.steps, args.cfg or None, args.repeats, args.autocast, args.compile
+            args.preset,
+            args.batch,
+            args.steps,
+            args.cfg or None,
+            args.repeats,
+            args.autocast,
+            args.compile,
+            args.peak_tflops,
         )
     _write([result], args.out)
     return 0

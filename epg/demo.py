@@ -167,21 +167,14 @@ def run_stage(
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
-def save_class_grid(denoiser, path: Path, sampler: str, steps: int | None, guidance, norm: str) -> None:
-    """A 10x10 PNG grid, row c = ten samples of class c, from fixed noise (seed GRID_SEED)."""
-    import torch
+def save_class_grid(denoiser, path: Path, settings, norm: str) -> None:
+    """A 10x10 PNG grid, row c = ten samples of class c, image i from noise fixed by (settings.seed, i)."""
     from torchvision.utils import save_image
 
-    from epg.method.normalization import denormalize
-    from epg.sampling import sample
-    from epg.sampling.per_image import image_noise
+    from epg.sampling.image_grid import sample_grid
 
-    size, classes = denoiser.image_size, denoiser.null_label or 10
-    device = next(denoiser.parameters()).device
-    z = image_noise(GRID_SEED, range(classes * 10), (3, size, size)).to(device)
-    y = torch.arange(classes, device=device).repeat_interleave(10)
-    x = sample(denoiser, z, y, sampler=sampler, steps=steps, guidance=guidance)
-    save_image(denormalize(x.float(), norm).clamp(0, 1).cpu(), path, nrow=10, padding=2)
+    classes = denoiser.null_label or 10
+    save_image(sample_grid(denoiser, settings, classes * 10, norm, per_class=10), path)
 
 
 def reference_images(val_dir: Path, count: int, size: int):
@@ -200,9 +193,10 @@ def reference_images(val_dir: Path, count: int, size: int):
 
 
 def _eval_device(opts: argparse.Namespace) -> str:
-    import torch
+    """Where the evaluation runs: the GPU for ``--device gpu`` (unless ``--accelerator cpu``), else the CPU."""
+    from epg.io import pick_device
 
-    return "cuda" if opts.device == "gpu" and opts.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+    return str(pick_device("auto" if opts.device == "gpu" and opts.accelerator != "cpu" else "cpu"))
 
 
 def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, opts: argparse.Namespace) -> dict:
@@ -215,6 +209,7 @@ def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, opts: argparse.Namespace) 
     import torch
 
     from epg.checkpoint import load_stage1_representation
+    from epg.io import write_json
     from epg.lightning.knn import eval_loader, knn_accuracies
     from epg.nn.network import build_representation
 
@@ -238,7 +233,7 @@ def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, opts: argparse.Namespace) 
         encoders, bank, val, k=k, temperature=hp.get("knn_temperature", 0.07), device=_eval_device(opts)
     )
     result = {**acc, "gain": acc["stage1"] - acc["random_init"], "k": k, "step": step}
-    cache.write_text(json.dumps(result, indent=2))
+    write_json(cache, result)
     return result
 
 
@@ -246,50 +241,39 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     """Grid PNG, FID against the val split and class accuracy of the EMA weights of a stage-2 checkpoint."""
     import torch
 
-    from epg.checkpoint import load_denoiser
-    from epg.eval.callback import cached_reference, reference_cache
+    from epg.checkpoint import OBJECTIVE_SAMPLERS, load_denoiser
     from epg.eval.digits import class_accuracy, load_or_train
-    from epg.eval.metrics import InceptionFeatures
-    from epg.eval.reference import ReferenceStats, load_reference
-    from epg.eval.sweep import fid_to_reference, pool_features, sample_images
-    from epg.sampling.grid import GUIDANCE_INTERVAL
-    from epg.sampling.guidance import Guidance, as_guidance
+    from epg.eval.inception import InceptionFeatures, pool_features
+    from epg.eval.metrics import fid_to_reference
+    from epg.eval.reference import cached_reference, compute_reference, load_reference, reference_cache
+    from epg.eval.sweep import sample_images
+    from epg.sampling.options import SamplingOptions
     from epg.sampling.per_image import class_labels
 
     torch.set_num_threads(opts.threads)
     device = _eval_device(opts)
     init = cfg["model"]["init_args"]
-    sampler = init.get("sample_sampler") or ("consistency" if init["objective"] == "consistency" else "heun")
-    steps = init.get("sample_steps")
-    interval = init.get("sample_guidance_interval", GUIDANCE_INTERVAL)
-    scale = init.get("sample_guidance")
-    guidance = as_guidance(None if scale is None else Guidance(scale, None if interval is None else tuple(interval)))
+    options = SamplingOptions.of(init.get("sampling"))
+    sampler = options.resolved_sampler(OBJECTIVE_SAMPLERS[init["objective"]])
     model = load_denoiser(ckpt, ema=0)
     denoiser = model.denoiser.to(device)
-    results: dict = {"sampler": sampler, "sampler_steps": steps, "cfg_scale": scale, "weights": model.weights}
+    guidance = options.guidance
+    results: dict = {"sampler": sampler, "sampler_steps": options.steps, "cfg_scale": options.cfg}
+    results["weights"] = model.weights
     results["cfg_interval"] = None if guidance is None or guidance.interval is None else list(guidance.interval)
 
     grid = out / f"samples_{opts.objective}.png"
     t0 = time.perf_counter()
-    save_class_grid(denoiser, grid, sampler, steps, guidance, model.normalization)
+    save_class_grid(denoiser, grid, options.settings(sampler, seed=GRID_SEED), model.normalization)
     results["grid"] = str(grid)
     results["grid_seconds"] = round(time.perf_counter() - t0, 1)
     _log(f"grid: {grid} (row c = class c) in {results['grid_seconds']}s", start)
 
     t0 = time.perf_counter()
     n = opts.fid_samples
-    images = sample_images(
-        denoiser,
-        list(range(n)),
-        n,
-        normalization=model.normalization,
-        sampler=sampler,
-        steps=steps,
-        guidance=guidance,
-        labels="balanced",
-        seed=FID_SEED,
-        batch_size=DEFAULTS[opts.device]["batch"],
-    ).numpy()
+    settings = options.settings(sampler, labels="balanced", seed=FID_SEED)
+    batch = DEFAULTS[opts.device]["batch"]
+    images = sample_images(denoiser, list(range(n)), n, settings, model.normalization, batch).numpy()
     labels = class_labels(range(n), n, denoiser.null_label or 10, "balanced", FID_SEED)
     results["sample_seconds"] = round(time.perf_counter() - t0, 1)
     _log(f"sampled {n} class-balanced images in {results['sample_seconds']}s", start)
@@ -310,20 +294,15 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     inception = InceptionFeatures(device)
     cache = out / f"fid_reference_val{opts.fid_ref}_{denoiser.image_size}px.npz"
     if opts.fid_ref >= VAL_DIGITS:  # the whole val split: the statistics the in-loop FID of stage 2 cached
-        batch = DEFAULTS[opts.device]["batch"]
         val, run_dir = str(data_dir / "val"), ckpt.parent.parent
         reference = cached_reference(val, run_dir, inception, batch, denoiser.image_size)
         cache = reference_cache(val, run_dir, denoiser.image_size)
     elif cache.is_file():
         reference = load_reference(cache)
-    else:
-        from epg.eval.metrics import statistics
-
-        pool = pool_features(real, inception, batch_size=DEFAULTS[opts.device]["batch"])
-        mu, sigma = statistics(pool)
-        reference = ReferenceStats(mu, sigma, None, None, pool, (denoiser.image_size,) * 2, len(pool), "val")
+    else:  # the first fid_ref val digits, as read above
+        reference = compute_reference(real, inception, batch, name="val")
         reference.save(cache)
-    fake = pool_features(images, inception, batch_size=DEFAULTS[opts.device]["batch"])
+    fake = pool_features(images, inception, batch_size=batch)
     results["fid"] = fid_to_reference(fake, reference)
     results["fid_samples"], results["fid_reference"] = n, reference.count
     results["fid_reference_file"] = str(cache)
@@ -451,10 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["total_s"] = round(time.perf_counter() - start, 1)
     summary["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     summary["checkpoints"] = {"pretrain": str(pre_dir / "checkpoints"), "finetune": str(ckpt)}
+    from epg.io import write_text
+
     summary_path = out / "summary.json"
     text = json.dumps(summary, indent=2, default=str)
-    summary_path.write_text(text)
-    (out / f"summary_{opts.objective}.json").write_text(text)  # kept when the other objective runs next
+    write_text(summary_path, text)
+    write_text(out / f"summary_{opts.objective}.json", text)  # kept when the other objective runs next
     print(
         f"\nepg demo ({opts.objective}) finished in {summary['total_s']:.0f}s: class accuracy "
         f"{summary['class_accuracy']:.1%}, FID {summary['fid']:.2f} ({summary['fid_samples']} samples vs "

@@ -19,10 +19,20 @@ import torch
 
 from epg.checkpoint import default_sampler, load_denoiser, read_global_step, read_hyper_parameters
 from epg.data.shards import read_class_counts
+from epg.io import pick_device, write_json
 from epg.sampling import SAMPLERS, Guidance, SampleSettings, default_steps, generate_batches
 from epg.sampling.files import png_name, write_adm_npz, write_png
 from epg.sampling.generate import image_labels
 from epg.sampling.grid import GUIDANCE_INTERVAL
+from epg.sampling.options import (
+    AUTOCAST,
+    SamplingOptions,
+    SamplingOptionsError,
+    format_interval,
+    parse_ema,
+    parse_interval,
+    settings_diff,
+)
 from epg.sampling.per_image import LABEL_MODES
 from epg.sampling.stochastic import STOCHASTIC_VARIANTS
 
@@ -32,7 +42,6 @@ LABEL_COUNTS_HELP = (
     "takes the training shards a Lightning checkpoint records; 'uniform' draws all classes equally"
 )
 STOCHASTIC_ARGS = ("s_churn", "s_min", "s_max", "s_noise", "stochastic_variant")
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoguidance", type=float, help="autoguidance scale w in D_c + w·(D_c − D_poor); needs --poor")
     p.add_argument("--poor", help="the weaker checkpoint for --autoguidance")
     interval_help = "guidance σ interval lo,hi (unshifted; applied as (lo·s_H, hi·s_H]) or 'none' for every level"
-    p.add_argument("--interval", default=",".join(map(str, GUIDANCE_INTERVAL)), help=interval_help)
+    p.add_argument("--interval", default=format_interval(GUIDANCE_INTERVAL), help=interval_help)
     p.add_argument("--no-clamp", action="store_true", help="do not clamp x̂0 to [−1, 1] (METHOD.md §6.1)")
     p.add_argument(
         "--labels",
@@ -156,24 +165,30 @@ def counts_digest(counts: list[int] | None) -> str:
     return "uniform" if counts is None else hashlib.sha256(json.dumps(counts).encode()).hexdigest()[:16]
 
 
+def _interval(args: argparse.Namespace) -> tuple[float, float] | None:
+    try:
+        return parse_interval(args.interval, "--interval")
+    except SamplingOptionsError as err:
+        raise SystemExit(f"epg sample: {err}") from None
+
+
+def _options(args: argparse.Namespace) -> SamplingOptions:
+    """The sampling options of parsed arguments (CFG; autoguidance is added by :func:`_guidance`)."""
+    return SamplingOptions(args.sampler, args.steps, args.cfg, _interval(args), args.labels, args.seed)
+
+
 def _guidance(args: argparse.Namespace, device: torch.device) -> Guidance | None:
-    interval = None if args.interval.lower() == "none" else tuple(_parse_floats(args.interval, "--interval"))
-    if interval is not None and len(interval) != 2:
-        raise SystemExit(f"epg sample: --interval takes lo,hi or 'none', got {args.interval!r}")
-    if args.cfg is not None:
-        return Guidance(args.cfg, interval)
     if args.autoguidance is not None:
         poor = load_denoiser(args.poor, ema=_ema(args.ema), preset=args.preset).denoiser.to(device)
-        return Guidance(args.autoguidance, interval, kind="autoguidance", poor=poor)
-    return None
+        return Guidance(args.autoguidance, _interval(args), kind="autoguidance", poor=poor)
+    return _options(args).guidance
 
 
 def _ema(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    if not text.isdigit():
-        raise SystemExit(f"epg sample: --ema takes an EMA index (0, 1, …) or 'none', got {text!r}")
-    return int(text)
+    try:
+        return parse_ema(text)
+    except SamplingOptionsError as err:
+        raise SystemExit(f"epg sample: {err}") from None
 
 
 def _identity(args: argparse.Namespace, num_classes: int | None, counts: list[int] | None) -> dict:
@@ -199,17 +214,14 @@ def _check_folder(out: Path, identity: dict, rank: int, prog: str = "epg sample"
     path = out / CONFIG_NAME
     if path.exists():
         stored = json.loads(path.read_text())
-        diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+        diff = settings_diff(stored, identity)
         if diff:
             raise SystemExit(
                 f"{prog}: {out} holds samples made with different settings ({', '.join(diff)}); "
                 f"use a fresh --out folder, or delete {path} if the change does not alter the images"
             )
     elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(identity, indent=2))
-        os.replace(tmp, path)
+        write_json(path, identity)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -260,12 +272,8 @@ class SampleRun:
         out = Path(args.out)
         _check_folder(out, _identity(args, num_classes, counts), rank, prog)
         out.mkdir(parents=True, exist_ok=True)
-        settings = SampleSettings(
-            sampler=args.sampler,
-            steps=args.steps,
+        settings = _options(args).settings(
             guidance=_guidance(args, next(denoiser.parameters()).device),
-            labels=args.labels,
-            seed=args.seed,
             clamp=None if args.no_clamp else 1.0,
             autocast=AUTOCAST[args.autocast],
             num_classes=num_classes,
@@ -307,11 +315,7 @@ def _launch(args: argparse.Namespace):
     """(fabric or None, rank, world size, device): Fabric DDP for several devices or under torchrun."""
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
     if args.devices == 1 and not torchrun:
-        if args.accelerator == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device("cuda" if args.accelerator == "gpu" else args.accelerator)
-        return None, 0, 1, device
+        return None, 0, 1, pick_device("cuda" if args.accelerator == "gpu" else args.accelerator)
     from lightning import Fabric
 
     devices = int(os.environ.get("LOCAL_WORLD_SIZE", args.devices)) if torchrun else args.devices

@@ -36,16 +36,16 @@ def test_paper_grad_scaler_is_swapped_in_for_a_cuda_16_mixed_plugin(monkeypatch)
 
 def test_inception_convolutions_are_ieee_on_cuda_and_restored():
     """FID features on CUDA use full-fp32 convolutions (no TF32), and the global setting comes back afterwards."""
-    from epg.eval.metrics import _ieee_convolutions
+    from epg.eval.inception import ieee_convolutions
 
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision
     conv.fp32_precision = "tf32"
     try:
-        with _ieee_convolutions(torch.device("cuda")):
+        with ieee_convolutions(torch.device("cuda")):
             assert conv.fp32_precision == "ieee"
         assert conv.fp32_precision == "tf32"
-        with _ieee_convolutions(torch.device("cpu")):
+        with ieee_convolutions(torch.device("cpu")):
             assert conv.fp32_precision == "tf32"
     finally:
         conv.fp32_precision = before

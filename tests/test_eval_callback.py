@@ -18,12 +18,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from epg.eval.callback import InLoopFID
 from epg.eval.cli import main as fid_main
+from epg.eval.inception import InceptionFeatures, pool_features
 from epg.eval.inception_weights import ensure_inception_weights
-from epg.eval.metrics import InceptionFeatures
+from epg.eval.metrics import fid_to_reference
 from epg.eval.reference import load_reference
 from epg.eval.reference_fid import ReferenceFID
-from epg.eval.sweep import fid_to_reference, pool_features, sample_images
+from epg.eval.sweep import sample_images
 from epg.lightning.finetune import FinetuneModule
+from epg.sampling import SampleSettings
 from tests._trainers import cpu_trainer
 from tests.test_eval_metrics import one_thread, photo_crops, write_folder
 from tests.test_sample_cli import write_train_split
@@ -90,7 +92,7 @@ def test_callback_from_yaml_logs_fid_of_ema_samples(tmp_path, real, monkeypatch)
     assert reference.count == N and reference.source == str(real)
     # The logged value is the FID of the EMA copy's samples (the last update came before the evaluation).
     module = cli.model
-    images = sample_images(module.denoiser(module.ema_nets[0]), range(N), N, steps=3, batch_size=N)
+    images = sample_images(module.denoiser(module.ema_nets[0]), range(N), N, SampleSettings(steps=3), batch_size=N)
     expected = fid_to_reference(pool_features(images, InceptionFeatures(device="cpu")), reference)
     assert fid == pytest.approx(expected, abs=FID_ABS)
 
@@ -163,7 +165,7 @@ def test_two_ranks_give_the_single_rank_fid(tmp_path, real):
     trainer.fit(module, loader())
     fid = float(trainer.callback_metrics["val/fid"])
     (cache,) = tmp_path.glob("fid_reference_*.npz")
-    images = sample_images(module.denoiser(module.ema_nets[0]), range(7), 7, steps=3, batch_size=7)
+    images = sample_images(module.denoiser(module.ema_nets[0]), range(7), 7, SampleSettings(steps=3), batch_size=7)
     expected = fid_to_reference(pool_features(images, InceptionFeatures(device="cpu")), load_reference(cache))
     assert fid == pytest.approx(expected, abs=FID_ABS)
     ranks = [float((tmp_path / f"fid_rank{r}.txt").read_text()) for r in range(2)]

@@ -11,8 +11,9 @@ import pytest
 import torch_fidelity
 
 from epg.eval.cli import main
+from epg.eval.distances import frechet_distance
+from epg.eval.inception import InceptionFeatures
 from epg.eval.inception_weights import ensure_inception_weights
-from epg.eval.metrics import InceptionFeatures, frechet_distance
 from epg.eval.reference import compute_reference, load_reference
 from tests.test_eval_metrics import one_thread, photo_crops, write_folder
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from epg.eval.metrics import EvalInputError, extract_features, format_comparison, format_results, image_batches
+from epg.eval.errors import EvalInputError
+from epg.eval.inception import extract_features
+from epg.eval.readers import image_batches
+from epg.eval.tables import format_comparison, format_results
 
 
 @pytest.fixture(scope="module")

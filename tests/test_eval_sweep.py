@@ -10,15 +10,13 @@ import torch
 
 from epg.eval import sweep
 from epg.eval.cli import main
-from epg.eval.metrics import EvalInputError, frechet_distance, frechet_to_stats, statistics
-from epg.eval.sweep import (
-    ema_choices,
-    format_sweep,
-    rank_indices,
-    sample_images,
-)
+from epg.eval.distances import frechet_distance, frechet_to_stats, statistics
+from epg.eval.errors import EvalInputError
+from epg.eval.sweep import ema_choices, rank_indices, sample_images
+from epg.eval.tables import format_sweep
 from epg.method.denoiser import Denoiser
 from epg.nn.network import build_network
+from epg.sampling import SampleSettings
 from tests.test_eval_metrics import one_thread, photo_crops, write_folder
 
 NANO = "EPG-Nano/4"
@@ -57,7 +55,7 @@ def files(tmp_path_factory):
 def test_rank_split_makes_the_same_images_as_one_rank():
     denoiser = Denoiser(nano_network(3))
     num, world = 7, 3
-    kwargs = dict(steps=3, batch_size=2, seed=5)
+    kwargs = dict(settings=SampleSettings(steps=3, seed=5), batch_size=2)
     whole = sample_images(denoiser, rank_indices(num), num, **kwargs)
     shares = [sample_images(denoiser, rank_indices(num, r, world), num, **kwargs) for r in range(world)]
     assert [s.shape[0] for s in shares] == [3, 2, 2]

@@ -50,7 +50,8 @@ def test_missing_fid_helper_says_what_to_install(monkeypatch, tmp_path):
 
 def test_inception_score_with_converted_weights_is_refused(weights, capsys):
     from epg.eval.cli import main
-    from epg.eval.metrics import InceptionFeatures, LogitsUnavailableError
+    from epg.eval.errors import LogitsUnavailableError
+    from epg.eval.inception import InceptionFeatures
 
     if iw.has_logits(torch.load(weights, map_location="cpu", weights_only=True)):
         pytest.skip("the original torch-fidelity weights (with logits) are installed")

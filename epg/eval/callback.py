@@ -13,7 +13,10 @@ YAML (LightningCLI), the demo's settings (configs/demo/finetune_dm.yaml; no refe
     trainer:
       callbacks:
         - class_path: epg.eval.callback.InLoopFID
-          init_args: {every_n_steps: 500, num_samples: 50, steps: 16, guidance: 2.0}
+          init_args:
+            every_n_steps: 500
+            num_samples: 50
+            sampling: {steps: 16, cfg: 3.0, interval: null}  # epg.sampling.options.SamplingOptions
 
 ``val/fid`` goes straight to the loggers at ``trainer.global_step`` (as LearningRateMonitor does, so it is never
 dropped by ``log_every_n_steps``) and into ``trainer.callback_metrics`` (for ModelCheckpoint/EarlyStopping
@@ -22,63 +25,24 @@ dropped by ``log_every_n_steps``) and into ``trainer.callback_metrics`` (for Mod
 
 from __future__ import annotations
 
-import hashlib
-import math
-import os
 import time
-from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from epg.data.shards import read_class_counts
+from epg.eval.errors import EvalInputError
+from epg.eval.inception import InceptionFeatures, ieee_convolutions
 from epg.eval.inception_weights import ensure_inception_weights
-from epg.eval.metrics import EvalInputError, InceptionFeatures, _ieee_convolutions
-from epg.eval.reference import ReferenceStats, compute_reference, load_reference
+from epg.eval.reference import ReferenceStats, cached_reference
 from epg.eval.reference_fid import ReferenceFID
 from epg.eval.sweep import rank_indices, sample_images
-from epg.sampling import SAMPLERS
-from epg.sampling.grid import GUIDANCE_INTERVAL
-from epg.sampling.guidance import Guidance, as_guidance
-from epg.sampling.per_image import LABEL_MODES
+from epg.sampling.image_grid import pick_grid
+from epg.sampling.options import DEFAULT_INTERVAL, SamplingOptions, fold_legacy, select_network
 
 METRIC = "val/fid"
-
-
-def reference_cache(source: str, cache_dir: str | os.PathLike, crop_to: int | None = None) -> Path:
-    """The file in ``cache_dir`` that holds the statistics computed from ``source`` (cropped to ``crop_to`` px)."""
-    key = os.path.abspath(source) + ("" if crop_to is None else f"@{crop_to}px")
-    return Path(cache_dir) / f"fid_reference_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
-
-
-def cached_reference(
-    source: str,
-    cache_dir: str | os.PathLike,
-    inception: InceptionFeatures,
-    batch_size: int = 100,
-    crop_to: int | None = None,
-):
-    """Reference statistics: a reference .npz as is; shards, a folder or an ADM .npz computed once and cached.
-
-    ``crop_to``: compute them on the images ADM-center-cropped to the training resolution (METHOD.md §7).
-    """
-    if source.endswith(".npz") and Path(source).is_file():
-        try:
-            return load_reference(source)
-        except EvalInputError:
-            pass  # an ADM reference batch: compute once like any other source
-    cache = reference_cache(source, cache_dir, crop_to)
-    if cache.is_file():
-        reference = load_reference(cache)
-        if reference.source == source:
-            return reference
-    rank_zero_info(f"InLoopFID: computing reference statistics of {source} (cached as {cache})")
-    reference = compute_reference(source, inception, batch_size=batch_size, progress=True, crop_to=crop_to)
-    reference.save(cache)
-    return reference
 
 
 class InLoopFID(Callback):
@@ -91,15 +55,15 @@ class InLoopFID(Callback):
             an image folder, an ADM reference .npz), cached in ``cache_dir``; None: the datamodule's ``val_shards``.
             Larger images are ADM-center-cropped to the training resolution first (as the DataModule does), and
             nothing is computed when ``trainer.max_steps`` ends the run before the first evaluation.
-        sampler, steps, guidance: passed to ``epg.sampling.sample`` (METHOD.md §6; guidance = CFG scale w).
-        guidance_interval: the CFG σ interval (unshifted, applied as (lo·s_H, hi·s_H]; default the paper's, §6.2;
-            None: every level).
+        sampling: :class:`~epg.sampling.options.SamplingOptions` (sampler, steps, CFG scale ``cfg``, guidance
+            ``interval`` (default the paper's, §6.2; None: every level), labels, seed); the sampler defaults to heun.
+        sampler, steps, guidance, guidance_interval: deprecated flat keys of ``sampling.sampler/steps/cfg/interval``
+            (accepted with a DeprecationWarning).
         ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
         batch_size: images per sampling and Inception batch on each rank.
-        seed: image i's noise and label depend only on (seed, i).
         log_grid: also log up to ``grid_size`` of rank 0's samples as an image, when the logger can.
-        labels: "balanced" (K/C per class, METHOD.md §6.4) or "random" (from the class frequencies in the dataset.json
-            of the datamodule's ``train_shards``; uniform, with a note, when there is none).
+        sampling.labels: "balanced" (K/C per class, METHOD.md §6.4) or "random" (from the class frequencies in the
+            dataset.json of the datamodule's ``train_shards``; uniform, with a note, when there is none).
         cache_dir: where a computed reference is cached (default: ``trainer.default_root_dir``).
     """
 
@@ -108,40 +72,45 @@ class InLoopFID(Callback):
         every_n_steps: int,
         num_samples: int,
         reference: str | None = None,
-        sampler: str = "heun",
-        steps: int = 32,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | None = GUIDANCE_INTERVAL,
+        sampling: SamplingOptions | dict | None = None,
         ema_index: int | None = 0,
         batch_size: int = 100,
-        seed: int = 0,
         log_grid: bool = True,
-        labels: str = "balanced",
         cache_dir: str | None = None,
         grid_size: int = 16,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | str | None = DEFAULT_INTERVAL,
+        seed: int | None = None,
+        labels: str | None = None,
     ) -> None:
         super().__init__()
-        if every_n_steps < 1 or num_samples < 2 or batch_size < 1 or seed < 0:
+        legacy = {
+            "sampler": ("sampler", sampler, None),
+            "steps": ("steps", steps, None),
+            "guidance": ("cfg", guidance, None),
+            "guidance_interval": ("interval", guidance_interval, DEFAULT_INTERVAL),
+            "seed": ("seed", seed, None),
+            "labels": ("labels", labels, None),
+        }
+        self.sampling = fold_legacy(sampling, legacy, "InLoopFID")
+        if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(
-                f"InLoopFID: every_n_steps ({every_n_steps}) and batch_size ({batch_size}) must be ≥ 1, "
-                f"num_samples ({num_samples}) ≥ 2 and seed ({seed}) ≥ 0"
+                f"InLoopFID: every_n_steps ({every_n_steps}) and batch_size ({batch_size}) must be ≥ 1 and "
+                f"num_samples ({num_samples}) ≥ 2"
             )
-        if sampler not in SAMPLERS:
-            raise ValueError(f"InLoopFID: unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if labels not in LABEL_MODES:
-            raise ValueError(f"InLoopFID: unknown labels {labels!r}; choose one of {LABEL_MODES}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.reference_source = None if reference is None else str(reference)
-        self.sampler = sampler
-        self.steps = steps
-        interval = None if guidance_interval is None else tuple(float(v) for v in guidance_interval)
-        self.guidance = None if guidance is None else as_guidance(Guidance(guidance, interval))
+        self.sampler = self.sampling.resolved_sampler("heun")
+        self.steps = self.sampling.steps
+        self.guidance = self.sampling.guidance
         self.ema_index = ema_index
         self.batch_size = batch_size
-        self.seed = seed
+        self.seed = self.sampling.seed
         self.log_grid = log_grid
-        self.labels = labels
+        self.labels = self.sampling.labels
         self.cache_dir = cache_dir
         self.grid_size = grid_size
         self.reference: ReferenceStats | None = None
@@ -174,7 +143,9 @@ class InLoopFID(Callback):
             inception = InceptionFeatures(device=trainer.strategy.root_device)
             cache_dir = self.cache_dir or trainer.default_root_dir
             size = pl_module.denoiser(self._network(pl_module)).image_size
-            self.reference = cached_reference(str(source), cache_dir, inception, self.batch_size, crop_to=size)
+            self.reference = cached_reference(
+                str(source), cache_dir, inception, self.batch_size, crop_to=size, log=rank_zero_info
+            )
             resolution = self.reference.resolution
             if resolution is not None and tuple(resolution) != (size, size):
                 raise EvalInputError(
@@ -198,16 +169,7 @@ class InLoopFID(Callback):
     def _network(self, pl_module: L.LightningModule) -> torch.nn.Module:
         if not hasattr(pl_module, "denoiser"):
             raise TypeError(f"InLoopFID needs a module with .denoiser(net) (FinetuneModule), got {type(pl_module)}")
-        if self.ema_index is None:
-            return pl_module.net
-        ema_nets = getattr(pl_module, "ema_nets", None)
-        if ema_nets is None or not 0 <= self.ema_index < len(ema_nets):
-            count = 0 if ema_nets is None else len(ema_nets)
-            raise ValueError(
-                f"InLoopFID: ema_index {self.ema_index} but the module keeps {count} EMA copies; "
-                "pick one of them or None for the online weights"
-            )
-        return ema_nets[self.ema_index]
+        return select_network(pl_module, self.ema_index, "InLoopFID")
 
     # ---- evaluation --------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -227,25 +189,21 @@ class InLoopFID(Callback):
         was_training = net.training
         net.eval()
         try:
+            settings = self.sampling.settings(class_counts=self.class_counts)
             images = sample_images(
                 pl_module.denoiser(net),
                 indices,
                 self.num_samples,
+                settings,
                 normalization=pl_module.hparams.normalization,
-                sampler=self.sampler,
-                steps=self.steps,
-                guidance=self.guidance,
-                labels=self.labels,
-                seed=self.seed,
                 batch_size=self.batch_size,
-                class_counts=self.class_counts,
             )
         finally:
             net.train(was_training)
             if hasattr(pl_module, "reshard_networks"):  # FSDP2: a no-grad pass leaves the root unsharded
                 pl_module.reshard_networks()
         metric = self.metric.to(pl_module.device)
-        with _ieee_convolutions(metric.device):
+        with ieee_convolutions(metric.device):
             for first in range(0, len(images), self.batch_size):
                 batch = images[first : first + self.batch_size].permute(0, 3, 1, 2)
                 metric.update(batch.to(metric.device), real=False)
@@ -263,13 +221,5 @@ class InLoopFID(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
             experiment = getattr(logger, "experiment", None)
             if self.log_grid and len(images) and hasattr(experiment, "add_image"):
-                experiment.add_image(f"{METRIC}_samples", self._grid(images), trainer.global_step)
+                experiment.add_image(f"{METRIC}_samples", pick_grid(images, self.grid_size), trainer.global_step)
         rank_zero_info(f"InLoopFID: step {trainer.global_step}: FID {fid:.3f} of {self.num_samples} ({seconds:.1f} s)")
-
-    def _grid(self, images: torch.Tensor) -> torch.Tensor:
-        """Up to ``grid_size`` images spread over rank 0's share (so balanced labels show many classes), CHW [0, 1]."""
-        from torchvision.utils import make_grid
-
-        picks = np.linspace(0, len(images) - 1, min(self.grid_size, len(images))).round().astype(int)
-        chosen = images[torch.from_numpy(picks)].permute(0, 3, 1, 2).float() / 255
-        return make_grid(chosen, nrow=math.ceil(math.sqrt(len(chosen))))

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 USAGE = """usage: epg fid <command> [options]
 
@@ -50,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     calc.add_argument("--out", default=None, help="also write the results as JSON here")
     common(calc)
 
-    from epg.eval.sweep import add_arguments
+    from epg.eval.sweep_cli import add_arguments
 
     add_arguments(sub.add_parser("sweep", help="FID per CFG scale and EMA copy; the best setting's full run"))
     return parser
@@ -71,7 +69,7 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _inception(args: argparse.Namespace, require_logits: bool = False):
-    from epg.eval.metrics import InceptionFeatures
+    from epg.eval.inception import InceptionFeatures
 
     return InceptionFeatures(device=args.device, weights=args.weights, require_logits=require_logits)
 
@@ -91,7 +89,8 @@ def _ref(args: argparse.Namespace) -> int:
 
 def _metric_list(text: str) -> list[str] | None:
     """The metric names of --metrics; None for `all`."""
-    from epg.eval.metrics import METRICS, EvalInputError
+    from epg.eval.errors import EvalInputError
+    from epg.eval.metrics import METRICS
 
     if text == "all":
         return None
@@ -103,15 +102,12 @@ def _metric_list(text: str) -> list[str] | None:
 
 
 def _calc(args: argparse.Namespace) -> int:
-    from epg.eval.metrics import (
-        METRICS,
-        EvalInputError,
-        compute_metrics,
-        extract_features,
-        format_results,
-        logits_message,
-    )
+    from epg.eval.errors import EvalInputError, logits_message
+    from epg.eval.inception import extract_features
+    from epg.eval.metrics import METRICS, compute_metrics
     from epg.eval.reference import open_reference
+    from epg.eval.tables import format_results
+    from epg.io import write_json
 
     start = time.time()
     if not os.path.exists(args.samples):
@@ -145,14 +141,13 @@ def _calc(args: argparse.Namespace) -> int:
             "seconds": round(time.time() - start, 2),
             "metrics": results,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.out, record)
         print(f"wrote {args.out}")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from epg.eval.sweep import run
+    from epg.eval.sweep_cli import run
 
     return run(args)
 
@@ -166,12 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "gen":
         return int(importlib.import_module("epg.sample").main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
+    from epg.eval.errors import EvalInputError, LogitsUnavailableError
     from epg.eval.inception_weights import InceptionWeightsError
-    from epg.eval.metrics import EvalInputError, LogitsUnavailableError
+    from epg.sampling.options import SamplingOptionsError
 
     try:
         return {"weights": _weights, "ref": _ref, "calc": _calc, "sweep": _sweep}[args.command](args)
-    except (EvalInputError, InceptionWeightsError, LogitsUnavailableError, FileNotFoundError) as err:
+    except (
+        EvalInputError,
+        InceptionWeightsError,
+        LogitsUnavailableError,
+        SamplingOptionsError,
+        FileNotFoundError,
+    ) as err:
         print(f"epg fid {args.command}: error: {err}", file=sys.stderr)
         return 2
 

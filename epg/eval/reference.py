@@ -9,13 +9,18 @@ evaluator does.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from epg.eval.metrics import EvalInputError, InceptionFeatures, extract_features, statistics
+from epg.eval.distances import statistics
+from epg.eval.errors import EvalInputError
+from epg.eval.inception import InceptionFeatures, extract_features
+from epg.io import atomic_path
 
 FORMAT = "epg-fid-reference-v1"
 
@@ -44,14 +49,8 @@ class ReferenceStats:
             arrays["pool_features"] = self.pool
         if self.resolution is not None:
             arrays["resolution"] = np.array(self.resolution)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 def _is_reference_file(path: Path) -> bool:
@@ -88,19 +87,21 @@ def _adm_statistics(path: Path) -> dict[str, np.ndarray]:
 
 
 def compute_reference(
-    source: str | Path,
+    source: str | Path | np.ndarray,
     inception: InceptionFeatures,
     batch_size: int = 100,
     progress: bool = False,
     crop_to: int | None = None,
+    name: str | None = None,
 ) -> ReferenceStats:
-    """Statistics of a real set: WebDataset shards, an image folder, or an ADM reference .npz.
+    """Statistics of a real set: WebDataset shards, an image folder, an ADM reference .npz or uint8 images in memory.
 
-    ``crop_to``: ADM-center-crop larger images to this size first (the resolution a run trains at).
+    ``crop_to``: ADM-center-crop larger images to this size first (the resolution a run trains at). ``name``: the
+    ``source`` recorded for images in memory (default "images").
     """
-    text = str(source)
+    text = (name or "images") if isinstance(source, np.ndarray) else str(source)
     stored: dict[str, np.ndarray] = {}
-    if text.endswith(".npz") and Path(text).is_file():
+    if not isinstance(source, np.ndarray) and text.endswith(".npz") and Path(text).is_file():
         if _is_reference_file(Path(text)):
             return load_reference(text)
         stored = _adm_statistics(Path(text))
@@ -132,3 +133,39 @@ def open_reference(
     if _is_reference_file(path):
         return load_reference(path)
     return compute_reference(path, inception, batch_size=batch_size, progress=progress)
+
+
+def reference_cache(source: str, cache_dir: str | os.PathLike, crop_to: int | None = None) -> Path:
+    """The file in ``cache_dir`` that holds the statistics computed from ``source`` (cropped to ``crop_to`` px)."""
+    key = os.path.abspath(source) + ("" if crop_to is None else f"@{crop_to}px")
+    return Path(cache_dir) / f"fid_reference_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
+
+
+def cached_reference(
+    source: str,
+    cache_dir: str | os.PathLike,
+    inception: InceptionFeatures,
+    batch_size: int = 100,
+    crop_to: int | None = None,
+    log: Callable[[str], None] = print,
+    who: str = "InLoopFID",
+) -> ReferenceStats:
+    """Reference statistics: a reference .npz as is; shards, a folder or an ADM .npz computed once and cached.
+
+    ``crop_to``: compute them on the images ADM-center-cropped to the training resolution (METHOD.md §7). The
+    in-loop FID and the demo share the cache file (:func:`reference_cache`).
+    """
+    if source.endswith(".npz") and Path(source).is_file():
+        try:
+            return load_reference(source)
+        except EvalInputError:
+            pass  # an ADM reference batch: compute once like any other source
+    cache = reference_cache(source, cache_dir, crop_to)
+    if cache.is_file():
+        reference = load_reference(cache)
+        if reference.source == source:
+            return reference
+    log(f"{who}: computing reference statistics of {source} (cached as {cache})")
+    reference = compute_reference(source, inception, batch_size=batch_size, progress=True, crop_to=crop_to)
+    reference.save(cache)
+    return reference

@@ -10,7 +10,7 @@ statistics give (n·μ, (n−1)·Σ + n·μμᵀ, n). Only global rank 0 holds t
 states carry the reference on every rank and every rank computes the same FID.
 
 Against `epg fid calc` on the same images: the same features (same network, weights and resize; IEEE convolutions on
-CUDA via :func:`epg.eval.metrics._ieee_convolutions` around ``update``) and the same Fréchet distance up to round-off:
+CUDA via :func:`epg.eval.inception.ieee_convolutions` around ``update``) and the same Fréchet distance up to round-off:
 torchmetrics takes the eigenvalues of Σ·Σ_ref (2048×2048, float64, result in float32) where `epg fid calc` uses an
 exact N×N form for N ≤ 2048 (tests/test_eval_callback.py).
 """

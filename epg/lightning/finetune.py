@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,13 +20,13 @@ from epg.method.curriculum import ect_stage
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine, warmup_steps_schedule
-from epg.method.normalization import NORMALIZATIONS, denormalize
+from epg.method.normalization import NORMALIZATIONS
 from epg.nn.network import EPGNetwork, EPGRepresentation, build_network, build_representation
 from epg.nn.official import CheckpointMismatchError, load_into
 from epg.nn.presets import NetworkOptions, network_overrides, with_stage1_encoder
 from epg.sampling.generate import generate
 from epg.sampling.grid import GUIDANCE_INTERVAL
-from epg.sampling.guidance import Guidance, as_guidance
+from epg.sampling.options import SamplingOptions, fold_legacy, select_network
 
 if TYPE_CHECKING:
     from epg.lightning.predict import SampleBatch
@@ -58,6 +57,16 @@ def _frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
     clone = copy.deepcopy(net)
     clone.requires_grad_(False)
     return clone.train(train)
+
+
+# Deprecated flat sampling keys → (SamplingOptions field, default) (epg.sampling.options.fold_legacy).
+LEGACY_SAMPLING_KEYS = {
+    "sample_sampler": ("sampler", None),
+    "sample_steps": ("steps", None),
+    "sample_guidance": ("cfg", None),
+    "sample_guidance_interval": ("interval", GUIDANCE_INTERVAL),
+    "grid_seed": ("seed", None),
+}
 
 
 class FinetuneModule(EPGModule):
@@ -99,11 +108,14 @@ class FinetuneModule(EPGModule):
         max_consecutive_skips: under "16-mixed", stop with an error naming the steps once the grad scaler has skipped
             more than this many steps in a row (a loss that stays NaN/inf); 0 disables the limit.
         val_sigmas, val_seed: unshifted noise levels and seed of the validation denoising MSE.
-        sample_every_n_val: log a sample grid every n-th validation (0: never); grid_size, grid_seed fix the noise and
-            labels; sample_sampler/sample_steps/sample_guidance go to ``epg.sampling.sample`` (None: the objective's
-            default sampler, "heun" 32 steps for the DM and "consistency" 1 step for the CM);
-            sample_guidance_interval is the CFG σ interval (unshifted, applied as (lo·s_H, hi·s_H]; default the
-            paper's (0.19, 1.61], METHOD.md §6.2; None: every level).
+        sample_every_n_val: log a sample grid of ``grid_size`` images every n-th validation (0: never).
+        sampling: :class:`~epg.sampling.options.SamplingOptions` of the grid (sampler (None: the objective's, "heun"
+            32 steps for the DM, "consistency" 1 step for the CM), steps, CFG scale ``cfg``, guidance ``interval``
+            (unshifted, applied as (lo·s_H, hi·s_H]; default the paper's (0.19, 1.61], METHOD.md §6.2; None: every
+            level), labels, seed (fixes the grid's noise)); sampled with the first EMA copy.
+        sample_sampler, sample_steps, sample_guidance, sample_guidance_interval, grid_seed: deprecated flat keys of
+            ``sampling.sampler/steps/cfg/interval/seed``, accepted with a DeprecationWarning (checkpoints written
+            before ``sampling`` carry them).
         compile: ``torch.compile`` the online network (and the CM target) in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
     """
@@ -147,11 +159,12 @@ class FinetuneModule(EPGModule):
         val_seed: int = 0,
         sample_every_n_val: int = 1,
         grid_size: int = 16,
-        grid_seed: int = 0,
+        sampling: SamplingOptions | dict | None = None,
+        grid_seed: int | None = None,
         sample_sampler: str | None = None,
         sample_steps: int | None = None,
         sample_guidance: float | None = None,
-        sample_guidance_interval: tuple[float, float] | None = GUIDANCE_INTERVAL,
+        sample_guidance_interval: tuple[float, float] | str | None = GUIDANCE_INTERVAL,
         compile: bool = False,
         optimizer_impl: Literal["fused", "foreach"] = "fused",
     ) -> None:
@@ -183,10 +196,12 @@ class FinetuneModule(EPGModule):
         self.lr_schedule = lr_schedule or ("steps" if cm else "cosine")
         self.grad_clip = (None if cm else 0.5) if grad_clip is None else (grad_clip or None)
         self.p_mean = p_mean if p_mean is not None else (-0.4 if cm else -1.2)
-        self.sample_sampler = sample_sampler or OBJECTIVE_SAMPLERS[objective]
-        interval = None if sample_guidance_interval is None else tuple(float(v) for v in sample_guidance_interval)
-        # The grid's guidance (None when sample_guidance is None or 1); an invalid interval fails here, not at a grid.
-        self.sample_guidance = as_guidance(None if sample_guidance is None else Guidance(sample_guidance, interval))
+        # The grid's sampling options, the deprecated flat keys folded in; a bad option fails here, not at a grid.
+        self.sampling = fold_legacy(sampling, self._legacy_sampling_keys(locals()), "FinetuneModule")
+        self.hparams.sampling = self.sampling.as_dict()  # saved as plain fields, without the flat keys
+        for key in LEGACY_SAMPLING_KEYS:
+            self.hparams.pop(key, None)
+        self.sample_sampler = self.sampling.resolved_sampler(OBJECTIVE_SAMPLERS[objective])
 
         self.net: EPGNetwork = build_network(preset, **(network or {}))
         if representation is not None:
@@ -397,33 +412,25 @@ class FinetuneModule(EPGModule):
         if grid is not None:
             experiment.add_image(f"samples/{self.sample_sampler}", grid, self.global_step)
 
+    @staticmethod
+    def _legacy_sampling_keys(args: dict) -> dict:
+        """The deprecated flat sampling keys as ``fold_legacy`` takes them: old key → (field, value, default)."""
+        return {key: (field, args[key], default) for key, (field, default) in LEGACY_SAMPLING_KEYS.items()}
+
     @torch.no_grad()
     def sample_grid(self, ema: bool = True) -> torch.Tensor | None:
-        """A (3, H, W) image grid in [0, 1] from fixed noise and labels (EMA weights unless ``ema`` is False)."""
-        try:
-            from epg.sampling import sample
-        except ImportError as err:
-            rank_zero_warn(f"FinetuneModule: no sample grid, epg.sampling is not importable ({err})")
-            return None
-        from torchvision.utils import make_grid
+        """A (3, H, W) image grid in [0, 1] of ``grid_size`` samples, image i from noise fixed by (sampling.seed, i)
+        and label i mod C (``epg.sampling.image_grid``; EMA weights unless ``ema`` is False)."""
+        from epg.sampling.image_grid import sample_grid
 
-        hp, cfg = self.hparams, self.net.config
-        n = hp.grid_size
-        generator = torch.Generator().manual_seed(hp.grid_seed)
-        z = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=generator).to(self.device)
-        y = torch.arange(n, device=self.device) % cfg.num_classes if cfg.num_classes else None
-        net = self.ema_nets[0] if ema and len(self.ema_nets) else self.net
+        net = select_network(self, 0 if ema and len(self.ema_nets) else None, "FinetuneModule")
         was_training = net.training
         net.eval()
         try:
-            denoiser = self.denoiser(net)
-            images = sample(
-                denoiser, z, y, sampler=self.sample_sampler, steps=hp.sample_steps, guidance=self.sample_guidance
-            )
+            settings = self.sampling.settings(self.sample_sampler)
+            return sample_grid(self.denoiser(net), settings, self.hparams.grid_size, self.hparams.normalization)
         finally:
             net.train(was_training)
-        pixels = denormalize(images.float(), hp.normalization).clamp(0, 1)
-        return make_grid(pixels.cpu(), nrow=math.ceil(math.sqrt(n)))
 
     # ---- prediction (`epg predict`) ----------------------------------------------------------------------------
     def predict_step(self, batch: SampleBatch, batch_idx: int = 0) -> torch.Tensor:

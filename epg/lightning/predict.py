@@ -21,12 +21,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from epg.checkpoint import read_global_step
+from epg.checkpoint import OBJECTIVE_SAMPLERS, read_global_step
 from epg.lightning.faults import ConfigError
 from epg.sample import SampleRun, parse_args
 from epg.sampling.generate import SampleSettings
 from epg.sampling.grid import GUIDANCE_INTERVAL
-from epg.sampling.per_image import LABEL_MODES
+from epg.sampling.options import SamplingOptions, SamplingOptionsError, format_interval, select_network
 
 PROG = "epg predict"
 
@@ -97,10 +97,12 @@ class SampleWriter(BasePredictionWriter):
         npz: bool = True,
     ) -> None:
         super().__init__(write_interval="batch")
-        if labels not in LABEL_MODES:
-            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        try:  # the one parse and check of the sampling options (epg.sampling.options)
+            self.sampling = SamplingOptions(sampler, steps, cfg, interval, labels, seed)
+        except SamplingOptionsError as err:
+            raise ValueError(f"SampleWriter: {err}") from None
         self.out, self.num, self.ema, self.sampler, self.steps = out, num, ema, sampler, steps
-        self.cfg, self.guidance_interval = cfg, interval  # `self.interval` is BasePredictionWriter's
+        self.cfg, self.guidance_interval = cfg, self.sampling.interval  # `self.interval` is BasePredictionWriter's
         self.labels, self.label_counts = labels, label_counts
         self.seed, self.batch, self.autocast, self.npz = seed, batch, autocast, npz
         self.checkpoint: str | os.PathLike | None = None
@@ -111,9 +113,8 @@ class SampleWriter(BasePredictionWriter):
     # ---- the `epg sample` run this writer stands for -----------------------------------------------------------
     def sample_argv(self, checkpoint: str, objective: str, out: str) -> list[str]:
         """The `epg sample` arguments that make the same images into the same folder."""
-        sampler = self.sampler or ("consistency" if objective == "consistency" else "heun")
-        lo_hi = self.guidance_interval
-        interval = "none" if lo_hi is None else ",".join(str(float(v)) for v in lo_hi)
+        sampler = self.sampling.resolved_sampler(OBJECTIVE_SAMPLERS.get(objective, "heun"))
+        interval = format_interval(self.sampling.interval)
         ema = "none" if self.ema is None else str(self.ema)
         argv = [checkpoint, "--out", out, "--num", str(self.num), "--ema", ema, "--batch", str(self.batch)]
         argv += ["--sampler", sampler, "--interval", interval, "--labels", self.labels, "--seed", str(self.seed)]
@@ -158,7 +159,7 @@ class SampleWriter(BasePredictionWriter):
         objective = pl_module.hparams.get("objective", "diffusion")
         out = self.out or self.default_out(trainer, checkpoint, objective)
         argv = self.sample_argv(checkpoint, objective, out)
-        net = pl_module.net if self._ema is None else pl_module.ema_nets[self._ema]
+        net = select_network(pl_module, self._ema, PROG)
         try:
             self.run = SampleRun.prepare(parse_args(argv), pl_module.denoiser(net), trainer.global_rank, PROG)
         except SystemExit as err:  # `epg sample`'s one-line messages
