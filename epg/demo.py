@@ -247,13 +247,13 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     from epg.eval.metrics import fid_to_reference
     from epg.eval.reference import cached_reference, compute_reference, load_reference, reference_cache
     from epg.eval.sweep import sample_images
-    from epg.sampling.options import SamplingOptions
+    from epg.sampling.options import FINETUNE_LEGACY_KEYS, fold_legacy, legacy_values
     from epg.sampling.per_image import class_labels
 
     torch.set_num_threads(opts.threads)
     device = _eval_device(opts)
     init = cfg["model"]["init_args"]
-    options = SamplingOptions.of(init.get("sampling"))
+    options = fold_legacy(init.get("sampling"), legacy_values(FINETUNE_LEGACY_KEYS, init), "epg demo")
     sampler = options.resolved_sampler(OBJECTIVE_SAMPLERS[init["objective"]])
     model = load_denoiser(ckpt, ema=0)
     denoiser = model.denoiser.to(device)

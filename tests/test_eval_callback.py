@@ -192,9 +192,11 @@ def test_random_labels_take_the_class_counts_of_the_training_shards(tmp_path):
 
 
 def test_grid_spreads_over_the_share():
+    from epg.sampling.image_grid import pick_grid
+
     callback = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", grid_size=4)
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3)
-    grid = callback._grid(images)
+    grid = pick_grid(images, callback.grid_size)
     assert grid.shape[0] == 3 and grid.max() <= 1
     values = sorted({round(v * 255) for v in np.unique(grid.numpy())} - {0})
     assert values == [3, 6, 9]  # picks 0, 3, 6, 9 (0 is also the padding colour)
@@ -203,8 +205,29 @@ def test_grid_spreads_over_the_share():
 def test_guidance_interval_defaults_to_the_paper_and_none_guides_every_level():
     from epg.sampling.grid import GUIDANCE_INTERVAL
 
-    paper = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=2.0)
+    paper = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"cfg": 2.0})
     assert paper.guidance.scale == 2.0 and paper.guidance.interval == GUIDANCE_INTERVAL
-    every = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=3.0, guidance_interval=None)
+    every = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"cfg": 3.0, "interval": None})
     assert every.guidance.interval is None
+    assert InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"cfg": 1.0}).guidance is None
+
+
+def test_legacy_flat_sampling_keys_still_work_with_a_warning_naming_the_new_key():
+    """InLoopFID's sampler/steps/guidance/guidance_interval of configs written before `sampling`."""
+    from epg.sampling.options import DeprecatedSamplingKey
+
+    with pytest.warns(DeprecatedSamplingKey) as seen:
+        old = InLoopFID(
+            every_n_steps=1, num_samples=8, reference="ref.npz", steps=16, guidance=3.0, guidance_interval=None
+        )
+    new = InLoopFID(
+        every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"steps": 16, "cfg": 3.0, "interval": None}
+    )
+    messages = {str(w.message) for w in seen}
+    assert "InLoopFID: `guidance_interval` is deprecated; use `sampling: {interval: ...}` instead" in messages
+    assert len(messages) == 3  # steps, guidance, guidance_interval
+    assert old.sampling == new.sampling and old.guidance == new.guidance and old.steps == 16
+    with pytest.warns(DeprecatedSamplingKey, match="`guidance` is deprecated"):
+        paper = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=2.0)
+    assert paper.guidance.interval == (0.19, 1.61)  # the old default interval stays the paper's
     assert InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=1.0).guidance is None

@@ -83,7 +83,7 @@ def test_demo_config_runs_through_epg_fit(tmp_path, monkeypatch, name):
     overrides = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"]
     overrides += ["--model.val_sigmas=[0.5]"]
     overrides += ["--data.global_batch_size=8", "--data.val_batch_size=8", "--data.num_workers=0"]
-    overrides += ["--model.grid_size=4", "--model.sample_steps=2"] if "dm" in name else ["--model.grid_size=4"]
+    overrides += ["--model.grid_size=4", "--model.sampling.steps=2"] if "dm" in name else ["--model.grid_size=4"]
     assert main(["fit", "-c", str(ROOT / "configs" / "demo" / name), *overrides]) == 0
     run = "finetune_dm" if "dm" in name else "finetune_cm"
     loaded = load_denoiser(f"runs/demo/{run}/checkpoints/last.ckpt", ema=0)

@@ -214,20 +214,61 @@ def test_noise_draws_differ_per_micro_batch_and_repeat_per_key(stage1):
 
 
 def test_grid_guidance_interval_defaults_to_the_paper_and_none_guides_every_level(stage1, monkeypatch):
-    """sample_guidance_interval: the paper's (0.19, 1.61] by default (METHOD.md §6.2); None guides all levels."""
+    """sampling.interval: the paper's (0.19, 1.61] by default (METHOD.md §6.2); None guides all levels."""
     from epg.sampling.grid import GUIDANCE_INTERVAL
 
-    assert make(stage1[0]).sample_guidance is None  # no scale: no guidance
-    assert make(stage1[0], sample_guidance=1.0).sample_guidance is None  # w = 1 is no guidance
-    assert make(stage1[0], sample_guidance=3.0).sample_guidance.interval == GUIDANCE_INTERVAL
-    module = make(stage1[0], sample_guidance=3.0, sample_guidance_interval=None, grid_size=4, sample_steps=4)
-    assert module.sample_guidance.scale == 3.0 and module.sample_guidance.interval is None
+    assert make(stage1[0]).sampling.guidance is None  # no scale: no guidance
+    assert make(stage1[0], sampling={"cfg": 1.0}).sampling.guidance is None  # w = 1 is no guidance
+    assert make(stage1[0], sampling={"cfg": 3.0}).sampling.guidance.interval == GUIDANCE_INTERVAL
+    module = make(stage1[0], sampling={"cfg": 3.0, "interval": None, "steps": 4}, grid_size=4)
+    assert module.sampling.guidance.scale == 3.0 and module.sampling.guidance.interval is None
     with pytest.raises(ValueError, match="interval"):
-        make(stage1[0], sample_guidance=3.0, sample_guidance_interval=(1.0, 0.5))
+        make(stage1[0], sampling={"cfg": 3.0, "interval": (1.0, 0.5)})
     seen = []
-    import epg.sampling
+    import epg.sampling.image_grid
 
-    real_sample = epg.sampling.sample
-    monkeypatch.setattr(epg.sampling, "sample", lambda *a, **k: seen.append(k["guidance"]) or real_sample(*a, **k))
-    module.sample_grid(ema=False)
-    assert seen == [module.sample_guidance]
+    real_sample = epg.sampling.image_grid.sample
+    monkeypatch.setattr(
+        epg.sampling.image_grid, "sample", lambda *a, **k: seen.append(k["guidance"]) or real_sample(*a, **k)
+    )
+    grid = module.sample_grid(ema=False)
+    assert seen == [module.sampling.guidance]
+    assert grid.shape == (3, 2 * 16 + 3 * 2, 2 * 16 + 3 * 2) and 0 <= grid.min() and grid.max() <= 1
+
+
+def test_legacy_flat_sampling_keys_are_folded_into_sampling_with_a_warning(stage1):
+    """Checkpoints and configs from before `sampling` (sample_guidance, sample_guidance_interval, …) still work."""
+    from epg.sampling.options import DeprecatedSamplingKey
+
+    legacy = dict(sample_sampler="euler", sample_steps=4, sample_guidance=3.0, sample_guidance_interval=None)
+    with pytest.warns(DeprecatedSamplingKey) as seen:
+        module = make(stage1[0], grid_seed=7, grid_size=4, **legacy)
+    assert {str(w.message).split("`")[1] for w in seen} == {*legacy, "grid_seed"}
+    assert "FinetuneModule: `sample_guidance` is deprecated; use `sampling: {cfg: ...}` instead" in {
+        str(w.message) for w in seen
+    }
+    options = module.sampling
+    assert (options.sampler, options.steps, options.cfg, options.interval, options.seed) == ("euler", 4, 3.0, None, 7)
+    # Saved as `sampling` only: a checkpoint of this module loads without the flat keys (and without warnings).
+    assert module.hparams.sampling == {**options.as_dict()} and "sample_guidance" not in module.hparams
+    assert module.sample_sampler == "euler" and module.sample_grid(ema=False).shape[0] == 3
+
+
+def test_a_checkpoint_of_the_flat_keys_loads_and_samples(stage1, tmp_path):
+    """hyper_parameters of a checkpoint written before `sampling` (flat sample_* keys) give the same options."""
+    import lightning as L
+
+    module = make(stage1[0], sampling={"steps": 3, "cfg": 2.0, "interval": None}, grid_size=4)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_steps=0)
+    trainer.strategy.connect(module)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    del hp["sampling"]
+    hp.update(sample_sampler=None, sample_steps=3, sample_guidance=2.0, sample_guidance_interval=None, grid_seed=0)
+    torch.save(ckpt, path)
+    with pytest.warns(FutureWarning):
+        old = FinetuneModule.load_from_checkpoint(path, map_location="cpu")
+    assert old.sampling == module.sampling
+    assert torch.equal(old.sample_grid(), module.sample_grid())

@@ -58,7 +58,7 @@ class InLoopFID(Callback):
         sampling: :class:`~epg.sampling.options.SamplingOptions` (sampler, steps, CFG scale ``cfg``, guidance
             ``interval`` (default the paper's, §6.2; None: every level), labels, seed); the sampler defaults to heun.
         sampler, steps, guidance, guidance_interval: deprecated flat keys of ``sampling.sampler/steps/cfg/interval``
-            (accepted with a DeprecationWarning).
+            (accepted with a deprecation warning).
         ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
         batch_size: images per sampling and Inception batch on each rank.
         log_grid: also log up to ``grid_size`` of rank 0's samples as an image, when the logger can.
@@ -169,7 +169,7 @@ class InLoopFID(Callback):
     def _network(self, pl_module: L.LightningModule) -> torch.nn.Module:
         if not hasattr(pl_module, "denoiser"):
             raise TypeError(f"InLoopFID needs a module with .denoiser(net) (FinetuneModule), got {type(pl_module)}")
-        return select_network(pl_module, self.ema_index, "InLoopFID")
+        return select_network(pl_module, self.ema_index, "InLoopFID", "ema_index")
 
     # ---- evaluation --------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

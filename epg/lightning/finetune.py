@@ -26,7 +26,7 @@ from epg.nn.official import CheckpointMismatchError, load_into
 from epg.nn.presets import NetworkOptions, network_overrides, with_stage1_encoder
 from epg.sampling.generate import generate
 from epg.sampling.grid import GUIDANCE_INTERVAL
-from epg.sampling.options import SamplingOptions, fold_legacy, select_network
+from epg.sampling.options import FINETUNE_LEGACY_KEYS, SamplingOptions, fold_legacy, legacy_values, select_network
 
 if TYPE_CHECKING:
     from epg.lightning.predict import SampleBatch
@@ -57,16 +57,6 @@ def _frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
     clone = copy.deepcopy(net)
     clone.requires_grad_(False)
     return clone.train(train)
-
-
-# Deprecated flat sampling keys → (SamplingOptions field, default) (epg.sampling.options.fold_legacy).
-LEGACY_SAMPLING_KEYS = {
-    "sample_sampler": ("sampler", None),
-    "sample_steps": ("steps", None),
-    "sample_guidance": ("cfg", None),
-    "sample_guidance_interval": ("interval", GUIDANCE_INTERVAL),
-    "grid_seed": ("seed", None),
-}
 
 
 class FinetuneModule(EPGModule):
@@ -114,7 +104,7 @@ class FinetuneModule(EPGModule):
             (unshifted, applied as (lo·s_H, hi·s_H]; default the paper's (0.19, 1.61], METHOD.md §6.2; None: every
             level), labels, seed (fixes the grid's noise)); sampled with the first EMA copy.
         sample_sampler, sample_steps, sample_guidance, sample_guidance_interval, grid_seed: deprecated flat keys of
-            ``sampling.sampler/steps/cfg/interval/seed``, accepted with a DeprecationWarning (checkpoints written
+            ``sampling.sampler/steps/cfg/interval/seed``, accepted with a deprecation warning (checkpoints written
             before ``sampling`` carry them).
         compile: ``torch.compile`` the online network (and the CM target) in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
@@ -197,9 +187,9 @@ class FinetuneModule(EPGModule):
         self.grad_clip = (None if cm else 0.5) if grad_clip is None else (grad_clip or None)
         self.p_mean = p_mean if p_mean is not None else (-0.4 if cm else -1.2)
         # The grid's sampling options, the deprecated flat keys folded in; a bad option fails here, not at a grid.
-        self.sampling = fold_legacy(sampling, self._legacy_sampling_keys(locals()), "FinetuneModule")
+        self.sampling = fold_legacy(sampling, legacy_values(FINETUNE_LEGACY_KEYS, locals()), "FinetuneModule")
         self.hparams.sampling = self.sampling.as_dict()  # saved as plain fields, without the flat keys
-        for key in LEGACY_SAMPLING_KEYS:
+        for key in FINETUNE_LEGACY_KEYS:
             self.hparams.pop(key, None)
         self.sample_sampler = self.sampling.resolved_sampler(OBJECTIVE_SAMPLERS[objective])
 
@@ -411,11 +401,6 @@ class FinetuneModule(EPGModule):
         grid = self.sample_grid()
         if grid is not None:
             experiment.add_image(f"samples/{self.sample_sampler}", grid, self.global_step)
-
-    @staticmethod
-    def _legacy_sampling_keys(args: dict) -> dict:
-        """The deprecated flat sampling keys as ``fold_legacy`` takes them: old key → (field, value, default)."""
-        return {key: (field, args[key], default) for key, (field, default) in LEGACY_SAMPLING_KEYS.items()}
 
     @torch.no_grad()
     def sample_grid(self, ema: bool = True) -> torch.Tensor | None:

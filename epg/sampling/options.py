@@ -9,8 +9,8 @@ and for comparing a folder's stored settings with a rerun's (resume checks).
 
 The flat keys these options replaced (FinetuneModule ``sample_sampler``, ``sample_steps``, ``sample_guidance``,
 ``sample_guidance_interval``, ``grid_seed``; InLoopFID ``sampler``, ``steps``, ``guidance``, ``guidance_interval``)
-are still accepted, with a DeprecationWarning naming the new key (:func:`fold_legacy`), so that checkpoints written
-with them load and sample as before.
+are still accepted, with a deprecation warning (:class:`DeprecatedSamplingKey`, a FutureWarning) naming the new key
+(:func:`fold_legacy`), so that checkpoints written with them load and sample as before.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ from epg.sampling.per_image import LABEL_MODES
 AUTOCAST: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Sentinel of a legacy interval key left at its default (None there means "every level").
 DEFAULT_INTERVAL = "default"
+
+
+class DeprecatedSamplingKey(FutureWarning):
+    """A deprecated flat sampling key was given (a FutureWarning, so that users of configs see it by default)."""
 
 
 class SamplingOptionsError(ValueError):
@@ -81,15 +85,16 @@ def parse_ema(value: str | int | None, what: str = "--ema") -> int | None:
     return int(text)
 
 
-def select_network(module: torch.nn.Module, ema: int | None, who: str) -> torch.nn.Module:
-    """``module.ema_nets[ema]``, or the online ``module.net`` for None; a clear error for a copy it does not keep."""
+def select_network(module: torch.nn.Module, ema: int | None, who: str, what: str = "EMA copy") -> torch.nn.Module:
+    """``module.ema_nets[ema]``, or the online ``module.net`` for None; a clear error, naming the option ``what``,
+    for a copy it does not keep."""
     if ema is None:
         return module.net
     ema_nets = getattr(module, "ema_nets", None)
     if ema_nets is None or not 0 <= ema < len(ema_nets):
         count = 0 if ema_nets is None else len(ema_nets)
         raise ValueError(
-            f"{who}: EMA copy {ema} but the module keeps {count} EMA copies; pick one of them or None for the online "
+            f"{who}: {what} {ema} but the module keeps {count} EMA copies; pick one of them or None for the online "
             "weights"
         )
     return ema_nets[ema]
@@ -176,10 +181,26 @@ class SamplingOptions:
         return SampleSettings(**fields)
 
 
+# FinetuneModule's deprecated flat keys → (SamplingOptions field, default): model.init_args of old configs and the
+# hyper-parameters of old checkpoints.
+FINETUNE_LEGACY_KEYS: dict[str, tuple[str, Any]] = {
+    "sample_sampler": ("sampler", None),
+    "sample_steps": ("steps", None),
+    "sample_guidance": ("cfg", None),
+    "sample_guidance_interval": ("interval", GUIDANCE_INTERVAL),
+    "grid_seed": ("seed", None),
+}
+
+
+def legacy_values(table: Mapping[str, tuple[str, Any]], values: Mapping[str, Any]) -> dict[str, tuple]:
+    """``fold_legacy``'s input from a table of old keys and the ``values`` given (missing keys: their default)."""
+    return {key: (field, values.get(key, default), default) for key, (field, default) in table.items()}
+
+
 def fold_legacy(
     options: SamplingOptions | Mapping[str, Any] | None, legacy: Mapping[str, Any], who: str
 ) -> SamplingOptions:
-    """``options`` with the deprecated flat keys that were given folded in, one DeprecationWarning per key.
+    """``options`` with the deprecated flat keys that were given folded in, one deprecation warning per key.
 
     ``legacy`` maps "old_key → (new field, value, default)": a value equal to its default counts as not given, except
     an interval, which counts whenever the old scale key is given (its None meant "every level"). Used by
@@ -201,7 +222,7 @@ def fold_legacy(
     for old, (field, value) in given.items():
         warnings.warn(
             f"{who}: `{old}` is deprecated; use `sampling: {{{field}: ...}}` instead",
-            DeprecationWarning,
+            DeprecatedSamplingKey,
             stacklevel=3,
         )
         updates[field] = value
