@@ -57,8 +57,8 @@ class InLoopFID(Callback):
             nothing is computed when ``trainer.max_steps`` ends the run before the first evaluation.
         sampling: :class:`~epg.sampling.options.SamplingOptions` (sampler, steps, CFG scale ``cfg``, guidance
             ``interval`` (default the paper's, §6.2; None: every level), labels, seed); the sampler defaults to heun.
-        sampler, steps, guidance, guidance_interval: deprecated flat keys of ``sampling.sampler/steps/cfg/interval``
-            (accepted with a deprecation warning).
+        sampler, steps, guidance, guidance_interval, seed, labels: deprecated flat keys of
+            ``sampling.sampler/steps/cfg/interval/seed/labels`` (accepted with a deprecation warning).
         ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
         batch_size: images per sampling and Inception batch on each rank.
         log_grid: also log up to ``grid_size`` of rank 0's samples as an image, when the logger can.

@@ -150,7 +150,7 @@ class FinetuneModule(EPGModule):
         sample_every_n_val: int = 1,
         grid_size: int = 16,
         sampling: SamplingOptions | dict | None = None,
-        grid_seed: int | None = None,
+        grid_seed: int = 0,
         sample_sampler: str | None = None,
         sample_steps: int | None = None,
         sample_guidance: float | None = None,

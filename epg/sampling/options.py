@@ -188,7 +188,7 @@ FINETUNE_LEGACY_KEYS: dict[str, tuple[str, Any]] = {
     "sample_steps": ("steps", None),
     "sample_guidance": ("cfg", None),
     "sample_guidance_interval": ("interval", GUIDANCE_INTERVAL),
-    "grid_seed": ("seed", None),
+    "grid_seed": ("seed", 0),
 }
 
 
