@@ -47,7 +47,13 @@ def config(root, reference: str, every: int = 2) -> dict:
     """A LightningCLI config: FinetuneModule (Nano, from scratch), TensorBoard, InLoopFID by class_path."""
     callback = {
         "class_path": "epg.eval.callback.InLoopFID",
-        "init_args": {"every_n_steps": every, "num_samples": N, "reference": reference, "steps": 3, "batch_size": N},
+        "init_args": {
+            "every_n_steps": every,
+            "num_samples": N,
+            "reference": reference,
+            "sampling": {"steps": 3},
+            "batch_size": N,
+        },
     }
     return {
         "trainer": {
@@ -153,7 +159,9 @@ def test_two_ranks_give_the_single_rank_fid(tmp_path, real):
     reference; torchmetrics' sync gives both ranks the FID of all 7 images."""
 
     module = FinetuneModule(preset="EPG-Nano/4", warmup_steps=1, total_steps=10, ema_rates=(0.5,))
-    callback = RecordedFID(every_n_steps=1, num_samples=7, reference=str(real), steps=3, cache_dir=str(tmp_path))
+    callback = RecordedFID(
+        every_n_steps=1, num_samples=7, reference=str(real), sampling={"steps": 3}, cache_dir=str(tmp_path)
+    )
     trainer = cpu_trainer(
         devices=2,
         strategy="ddp_spawn",
@@ -176,7 +184,7 @@ def test_callback_checks_its_arguments_and_the_module():
     with pytest.raises(ValueError, match="num_samples"):
         InLoopFID(every_n_steps=1, num_samples=1, reference="ref.npz")
     with pytest.raises(ValueError, match="unknown sampler"):
-        InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampler="ddim")
+        InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"sampler": "ddim"})
     module = FinetuneModule(preset="EPG-Nano/4", ema_rates=(0.5,))
     with pytest.raises(ValueError, match="ema_index 3 but the module keeps 1 EMA copies"):
         InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", ema_index=3)._network(module)
@@ -227,7 +235,9 @@ def test_legacy_flat_sampling_keys_still_work_with_a_warning_naming_the_new_key(
     assert "InLoopFID: `guidance_interval` is deprecated; use `sampling: {interval: ...}` instead" in messages
     assert len(messages) == 3  # steps, guidance, guidance_interval
     assert old.sampling == new.sampling and old.guidance == new.guidance and old.steps == 16
-    with pytest.warns(DeprecatedSamplingKey, match="`guidance` is deprecated"):
+    with pytest.warns(DeprecatedSamplingKey) as seen:
         paper = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=2.0)
+    assert [str(w.message) for w in seen] == ["InLoopFID: `guidance` is deprecated; use `sampling: {cfg: ...}` instead"]
     assert paper.guidance.interval == (0.19, 1.61)  # the old default interval stays the paper's
-    assert InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=1.0).guidance is None
+    with pytest.warns(DeprecatedSamplingKey):
+        assert InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=1.0).guidance is None

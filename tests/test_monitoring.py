@@ -108,7 +108,7 @@ def test_stage2_logs_each_metric_once_and_fid_as_hp_metric(tmp_path, data):
     }
     fid = {  # no reference: the val split, at the training resolution
         "class_path": "epg.eval.callback.InLoopFID",
-        "init_args": {"every_n_steps": 2, "num_samples": 4, "steps": 2, "batch_size": 4},
+        "init_args": {"every_n_steps": 2, "num_samples": 4, "sampling": {"steps": 2}, "batch_size": 4},
     }
     run = fit(tmp_path, data, model, [*MONITORS, fid], "finetune")
     events = tensorboard(run)

@@ -6,6 +6,7 @@ from epg.sampling.generate import SampleSettings, generate, generate_batches
 from epg.sampling.grid import GUIDANCE_INTERVAL, in_interval, sampling_sigmas
 from epg.sampling.guidance import Guidance, GuidedDenoiser, as_guidance
 from epg.sampling.heun import euler, heun
+from epg.sampling.options import SamplingOptions
 from epg.sampling.stochastic import edm_stochastic
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "GuidedDenoiser",
     "SampleResult",
     "SampleSettings",
+    "SamplingOptions",
     "as_guidance",
     "consistency",
     "default_steps",

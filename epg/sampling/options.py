@@ -202,9 +202,9 @@ def fold_legacy(
 ) -> SamplingOptions:
     """``options`` with the deprecated flat keys that were given folded in, one deprecation warning per key.
 
-    ``legacy`` maps "old_key → (new field, value, default)": a value equal to its default counts as not given, except
-    an interval, which counts whenever the old scale key is given (its None meant "every level"). Used by
-    FinetuneModule (old checkpoints carry these keys) and InLoopFID.
+    ``legacy`` maps "old_key → (new field, value, default)": a value equal to its default counts as not given (an old
+    interval of None, "every level", differs from the paper's default and counts). Used by FinetuneModule (old
+    checkpoints carry these keys), the demo and InLoopFID.
     """
     options = SamplingOptions.of(options)
 
@@ -214,10 +214,6 @@ def fold_legacy(
         return value == default
 
     given = {old: (field, value) for old, (field, value, default) in legacy.items() if not same(field, value, default)}
-    scale_given = any(field == "cfg" for field, _ in given.values())
-    for old, (field, value, _) in legacy.items():
-        if field == "interval" and scale_given and old not in given:
-            given[old] = (field, value)
     updates = {}
     for old, (field, value) in given.items():
         warnings.warn(
