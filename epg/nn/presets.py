@@ -88,7 +88,7 @@ def _row(enc: tuple[int, int, int], dec: tuple[int, int, int], image_size: int, 
 
 
 # Paper rows (METHOD.md §2.4): (blocks, width, heads) for encoder and decoder. Expected parameter counts
-# (decoder + encoder + class table) are asserted in tests/test_presets.py.
+# (decoder + encoder + class table) are asserted in tests/test_nn_presets.py.
 PRESETS: dict[str, EPGConfig] = {
     "EPG-L/16": _row((16, 1024, 16), (16, 1024, 16), 256, 16),  # 540.2M, FID 8.82 as a 1-step CM
     "EPG-XL/16": _row((12, 768, 12), (12, 1584, 22), 256, 16),  # 583.0M, FID 2.04
