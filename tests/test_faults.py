@@ -66,7 +66,8 @@ def test_atomic_io_replaces_whole_files(tmp_path):
     io, path = AtomicCheckpointIO(), tmp_path / "sub" / "last.ckpt"
     io.save_checkpoint({"w": torch.ones(3)}, path)
     io.save_checkpoint({"w": torch.zeros(3)}, path)
-    assert torch.equal(load(path)["w"], torch.zeros(3)) and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert torch.equal(load(path)["w"], torch.zeros(3))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary sibling left
 
 
 def test_killed_save_keeps_previous_last_checkpoint(tmp_path, monkeypatch):
