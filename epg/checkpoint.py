@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from epg.io import recover_interrupted_swap, save_torch
 from epg.method.denoiser import Denoiser
 from epg.nn.network import EPGNetwork, build_network
 from epg.nn.official import load_into, load_official_network
@@ -43,7 +44,7 @@ class LoadedModel:
 def save_network_file(
     path: str | os.PathLike, network: EPGNetwork, parameterization: str, normalization: str = "imagenet"
 ) -> None:
-    """Write an EPG network file (atomically: a temporary name, then a rename)."""
+    """Write an EPG network file atomically (:func:`epg.io.save_torch`: a temporary sibling, then a rename)."""
     payload = {
         "epg_network_file": NETWORK_FILE_VERSION,
         "config": dataclasses.asdict(network.config),
@@ -51,9 +52,7 @@ def save_network_file(
         "normalization": normalization,
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
     }
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch(payload, path)
 
 
 def _lightning_network(ckpt: dict, ema: int | None) -> tuple[EPGNetwork, str, str, str]:
@@ -80,12 +79,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
     A folder holds ``meta.pt`` (Lightning's metadata, hyper-parameters included) and torch.distributed.checkpoint
     shards, which are consolidated here on the CPU. A folder that a crash left under its hidden ``.<name>.old`` twin
-    during an atomic swap (:class:`epg.lightning.faults.AtomicModelParallelStrategy`) is renamed back first.
+    during an atomic swap (:func:`epg.io.swap_in_folder`, as :class:`epg.lightning.faults.AtomicModelParallelStrategy`
+    saves) is renamed back first.
     """
     path = Path(path)
     if not os.path.lexists(path):
-        from epg.lightning.faults import recover_interrupted_swap
-
         recover_interrupted_swap(path, cleanup=False)  # a training job may be saving beside this reader
     if path.is_dir():
         meta = path / "meta.pt"

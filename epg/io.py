@@ -4,6 +4,10 @@
   :func:`write_bytes`, :func:`write_text`, :func:`write_json` and :func:`save_torch` on top, and
   :func:`atomic_folder` for a folder that appears complete or not at all. A reader never sees half a file, and a
   killed writer leaves at most a hidden ``.NAME.tmp-PID`` behind, never a truncated ``NAME``.
+- Folder swaps: :func:`swap_in_folder` puts a complete folder in place of another with two renames through the
+  hidden ``.NAME.old`` twin, and :func:`recover_interrupted_swap` renames that twin back after a crash between them
+  (sharded checkpoints: :class:`epg.lightning.faults.AtomicModelParallelStrategy` writes, :mod:`epg.checkpoint`
+  reads).
 - :func:`pick_device`: "auto"/None → CUDA when available, else the CPU; an explicit CUDA request without CUDA fails
   with a message instead of a late device error.
 - Seeds: :func:`seed_words` (numpy's SeedSequence hash of integer keys) and :func:`seed_from` (one 63-bit seed from
@@ -95,7 +99,8 @@ def save_torch(obj: Any, path: str | os.PathLike, fsync: bool = False) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces ``path`` (an existing folder is removed first).
+    """Yield an empty temporary folder; on success it replaces ``path`` through :func:`swap_in_folder` (a crash in
+    the swap leaves the old folder under ``.<name>.old``, which :func:`recover_interrupted_swap` renames back).
 
     On error the temporary folder is deleted and ``path`` is left as it was.
     """
@@ -106,11 +111,97 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        swap_in_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- folder swaps -------------------------------------------------------------------------------------------------
+def swap_names(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The hidden siblings ``(<parent>/.<name>.tmp, <parent>/.<name>.old)`` of a folder ``path``.
+
+    Both start with a dot, so they never match the ``last*.ckpt`` or ``hpc_ckpt_N.ckpt`` searches of ``--ckpt_path
+    last``, nor Lightning's own ``*.ckpt`` listing. The ``.tmp`` name has no process id: every rank of a sharded
+    save writes into the same folder.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file, link or folder tree; what is already gone (another rank removed it) is no error."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            raise OSError(f"could not remove {path}")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file of ``folder`` (one level deep, as torch.distributed.checkpoint writes) and the folder."""
+    for entry in Path(folder).iterdir():
+        if entry.is_file():
+            with open(entry, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_folder(folder)
+
+
+def swap_in_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the complete folder ``tmp`` in place of ``path`` (a folder, file or link, or nothing) with two renames.
+
+    ``path`` is first renamed to its hidden ``.<name>.old`` twin, then ``tmp`` to ``path``, then the old one is
+    deleted. A folder cannot replace a non-empty folder in one atomic rename on POSIX, but at every instant either
+    the old or the new complete folder exists under ``path`` or, between the two renames, under ``.<name>.old``,
+    which :func:`recover_interrupted_swap` renames back after a crash. A ``.<name>.old`` left next to an existing
+    ``path`` is stale (a crash after the second rename) and is deleted first.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = swap_names(path)[1]
+    for _ in range(3):
+        if os.path.lexists(path):
+            if os.path.lexists(old):
+                remove(old)  # ``path`` is complete, so this is the leftover of an earlier swap
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+            break
+        except OSError:
+            # A reader's recover_interrupted_swap put the old folder back between our two renames: go again.
+            if not (os.path.lexists(path) and tmp.is_dir()):
+                raise
+    else:
+        raise OSError(f"could not move {tmp} to {path}: it keeps reappearing")
+    fsync_folder(path.parent)  # make the renames durable before the old folder goes
+    if os.path.lexists(old):
+        remove(old)
+
+
+def recover_interrupted_swap(path: str | os.PathLike, cleanup: bool = True) -> bool:
+    """Repair what a crash inside :func:`swap_in_folder` (or a sharded checkpoint save through it) left.
+
+    If ``path`` is missing but its ``.<name>.old`` twin exists, the crash hit between the two renames: the old
+    complete folder is renamed back (returns True). With ``cleanup`` it also deletes a half-written ``.<name>.tmp``
+    and a stale ``.<name>.old`` next to an existing ``path``; only do that when no save to ``path`` can be running
+    (before training starts), never from a reader that may run beside a training job.
+    Safe to call from several ranks at once.
+    """
+    path = Path(path)
+    tmp, old = swap_names(path)
+    recovered = False
+    if not os.path.lexists(path) and os.path.lexists(old):
+        try:
+            os.rename(old, path)
+            recovered = True
+        except FileNotFoundError:
+            pass  # another rank (or process) renamed it back first
+        fsync_folder(path.parent)
+    if cleanup:
+        remove(tmp)
+        if os.path.lexists(path):
+            remove(old)
+    return recovered
 
 
 # ---- devices ------------------------------------------------------------------------------------------------------

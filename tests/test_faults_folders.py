@@ -1,4 +1,4 @@
-"""Atomic sharded checkpoint folders: swap_in_folder, recover_interrupted_swap, AtomicModelParallelStrategy.
+"""Atomic sharded checkpoint folders: epg.io's swap_in_folder and recover_interrupted_swap, AtomicModelParallelStrategy.
 
 In-process, without a process group; the 2-rank FSDP2 save over an existing ``last.ckpt/`` is in tests/test_scale.py.
 """
@@ -12,10 +12,11 @@ import pytest
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-import epg.lightning.faults as faults
+import epg.io
 from epg.checkpoint import read_checkpoint
+from epg.io import atomic_folder, recover_interrupted_swap, swap_in_folder, swap_names
 from epg.lightning.cli import find_last_checkpoint
-from epg.lightning.faults import AtomicModelParallelStrategy, recover_interrupted_swap, swap_in_folder, swap_names
+from epg.lightning.faults import AtomicModelParallelStrategy
 
 
 def make_folder(path: Path, **files: str) -> Path:
@@ -81,7 +82,7 @@ def test_crash_between_the_renames_is_recovered(tmp_path, monkeypatch):
             raise Killed  # the process dies before the second rename
         rename(src, dst)
 
-    monkeypatch.setattr(faults.os, "rename", killed_after_first_rename)
+    monkeypatch.setattr(epg.io.os, "rename", killed_after_first_rename)
     with pytest.raises(Killed):
         swap_in_folder(tmp, path)
     monkeypatch.undo()
@@ -123,9 +124,30 @@ def test_swap_retries_when_a_reader_renames_the_old_folder_back(tmp_path, monkey
             raced.append(recover_interrupted_swap(path, cleanup=False))
         rename(src, dst)
 
-    monkeypatch.setattr(faults.os, "rename", reader_between_the_renames)
+    monkeypatch.setattr(epg.io.os, "rename", reader_between_the_renames)
     swap_in_folder(tmp, path)
     assert raced == [True] and contents(path) == {"meta.pt": "new"} and siblings(tmp_path) == ["last.ckpt"]
+
+
+def test_atomic_folder_swaps_through_the_old_twin(tmp_path, monkeypatch):
+    """epg.io.atomic_folder replaces a folder like the checkpoint swap: a crash between the renames is recovered."""
+    path = make_folder(tmp_path / "samples", **{"a.png": "old"})
+    with atomic_folder(path) as tmp:
+        (tmp / "b.png").write_text("new")
+    assert contents(path) == {"b.png": "new"} and siblings(tmp_path) == ["samples"]
+    rename = os.rename
+
+    def killed_before_second_rename(src, dst):
+        if Path(dst) == path:
+            raise Killed
+        rename(src, dst)
+
+    monkeypatch.setattr(epg.io.os, "rename", killed_before_second_rename)
+    with pytest.raises(Killed), atomic_folder(path) as tmp:
+        (tmp / "c.png").write_text("newer")
+    monkeypatch.undo()
+    assert siblings(tmp_path) == [".samples.old"]  # the half-done new folder is gone, the old one only renamed
+    assert recover_interrupted_swap(path) and contents(path) == {"b.png": "new"} and siblings(tmp_path) == ["samples"]
 
 
 def test_read_checkpoint_renames_back_an_interrupted_swap(tmp_path):

@@ -55,3 +55,24 @@ def test_bad_presets_and_options_name_the_problem():
         get_config("EPG-T/4", image_size=30)
     with pytest.raises(ValueError, match=r"unknown network option\(s\) \['widht'\]"):
         get_config("EPG-T/4", widht=3)
+
+
+def test_stage1_names_are_the_released_encoders():
+    """METHOD.md §2.4: RCM-B (IN-256 and IN-512) is the ViT-B body (12, 768, 12), RCM-L (IN-256) the L one."""
+    from epg.nn.presets import ALIASES, ENCODER_FIELDS, PRESETS, STAGE1_PRESETS
+
+    def encoder(cfg):
+        return {f: getattr(cfg, f) for f in ENCODER_FIELDS}
+
+    for name, row in ALIASES.items():  # an alias is exactly the encoder part of its row
+        assert get_config(name) == PRESETS[row]
+    b16, b32, l16 = get_config("RCM-B/16"), get_config("RCM-B/32"), get_config("RCM-L/16")
+    assert (b16.enc_depth, b16.enc_dim, b16.enc_heads, b16.image_size, b16.patch_size) == (12, 768, 12, 256, 16)
+    assert (l16.enc_depth, l16.enc_dim, l16.enc_heads, l16.image_size, l16.patch_size) == (16, 1024, 16, 256, 16)
+    # RCM-B/32 is the B encoder at 512 px with 32-px patches, not EPG-L/32's L encoder.
+    assert (b32.enc_depth, b32.enc_dim, b32.enc_heads, b32.image_size, b32.patch_size) == (12, 768, 12, 512, 32)
+    assert encoder(b32) == {**encoder(b16), "image_size": 512, "patch_size": 32}
+    assert encoder(b32) != encoder(PRESETS["EPG-L/32"])
+    assert set(STAGE1_PRESETS) == {"RCM-B/16", "RCM-L/16", "RCM-B/32"}
+    with pytest.raises(ValueError, match="RCM-B/16, RCM-L/16, RCM-B/32"):
+        get_config("RCM-X/8")

@@ -32,7 +32,6 @@ from epg.data.shards import (
     record_problem,
     shard_name,
     shard_record,
-    write_json,
     write_metadata,
     write_shard,
 )
@@ -47,6 +46,7 @@ from epg.data.sources import (
     scan_flat_with_labels,
 )
 from epg.data.verify import verify
+from epg.io import write_json
 
 STATE_DIR = ".prepare"
 

@@ -1,4 +1,4 @@
-"""Shard names, atomic shard/JSON writing, per-shard records, and shard-spec expansion (`epg prepare`, DataModule).
+"""Shard names, atomic shard writing, per-shard records, and shard-spec expansion (`epg prepare`, DataModule).
 
 A shard's record (in dataset.json under ``shard_records``, by file name) is its sample count, byte size and sha256.
 """
@@ -19,6 +19,8 @@ from typing import Any
 
 import braceexpand
 
+from epg.io import atomic_path, write_json
+
 DATASET_JSON = "dataset.json"
 CLASSES_JSON = "classes.json"
 RECORDS = "shard_records"
@@ -38,33 +40,20 @@ def shard_pattern(split: str, num_shards: int) -> str:
     return f"{split}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_shard(path: str | Path, samples: Iterable[tuple[str, str, bytes, int]]) -> dict[str, Any]:
     """Write (key, ext, image bytes, label) samples to a tar at `path` atomically; returns the shard's record.
 
-    The tar is written under a temporary name and renamed when complete, so a final-named shard is never truncated.
+    The tar is written under a temporary name and renamed when complete (:func:`epg.io.atomic_path`), so a
+    final-named shard is never truncated.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    try:
+    with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for key, ext, data, label in samples:
                 _add_member(tar, f"{key}.{ext}", data)
                 _add_member(tar, f"{key}.cls", str(int(label)).encode())
                 count += 1
         record = shard_record(tmp, count)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return record
 
 

@@ -22,7 +22,7 @@ import torch
 
 from epg.data.pipeline import DataHealth, collate
 from epg.data.samples import shard_samples
-from epg.seeding import seed_from
+from epg.io import seed_from
 
 _SHARDS, _SHUFFLE, _SAMPLE = 1, 2, 3  # seed tags of the three kinds of draws
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from epg.io import seed_from
 from epg.lightning.faults import NonFiniteLossError, NonFiniteWatch
 from epg.nn.flops import train_flops_per_image
-from epg.seeding import seed_from
 
 # The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
 DEFAULT_MAX_SKIPS = 100  # skipped fp16 steps in a row before a stop (the scale has then halved 100 times)

@@ -28,14 +28,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from epg.checkpoint import read_checkpoint_meta, stage1_config
 from epg.data.datamodule import EPGDataModule
 from epg.data.shards import expand_shards, is_remote
+from epg.io import recover_interrupted_swap
 from epg.lightning.base import EPGModule
-from epg.lightning.faults import (
-    AtomicCheckpointIO,
-    ConfigError,
-    LoggerVersions,
-    SigtermCheckpoint,
-    recover_interrupted_swap,
-)
+from epg.lightning.faults import AtomicCheckpointIO, ConfigError, LoggerVersions, SigtermCheckpoint
 from epg.lightning.finetune import FinetuneModule, restoring_checkpoint
 from epg.lightning.predict import SampleWriter
 from epg.lightning.pretrain import PretrainModule

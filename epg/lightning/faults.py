@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -20,6 +19,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from epg.io import fsync_tree, remove, save_torch, swap_in_folder, swap_names
 
 MAX_MESSAGE = 400  # characters of a ConfigError message (long key lists are cut)
 
@@ -39,7 +40,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``<path>.tmp``, fsync, then ``os.replace`` onto ``path``: a killed save never corrupts it.
+    """``torch.save`` into a hidden ``.<name>.tmp-PID`` sibling, fsync, then ``os.replace`` onto ``path``
+    (:func:`epg.io.save_torch` with ``fsync``): a killed save never corrupts the checkpoint.
 
     The rename is atomic on POSIX file systems, so ``path`` always holds either the previous or the new complete
     checkpoint. Remote paths (``s3://`` ...) fall back to Lightning's transactional write. EPGCLI installs this plugin
@@ -49,120 +51,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        _fsync_dir(folder)  # make the rename itself durable
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
-    finally:
-        os.close(fd)
+        save_torch(checkpoint, path, fsync=True)  # fsyncs the file and, after the rename, its folder
 
 
 # ---- atomic sharded checkpoint folders ---------------------------------------------------------------------------
-def swap_names(path: str | os.PathLike) -> tuple[Path, Path]:
-    """The hidden siblings ``(<parent>/.<name>.tmp, <parent>/.<name>.old)`` of a checkpoint folder ``path``.
-
-    Both start with a dot, so they never match the ``last*.ckpt`` or ``hpc_ckpt_N.ckpt`` searches of ``--ckpt_path
-    last``, nor Lightning's own ``*.ckpt`` listing.
-    """
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, link or folder tree; what is already gone (another rank removed it) is no error."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists():
-            raise OSError(f"could not remove {path}")
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file of ``folder`` (one level deep, as torch.distributed.checkpoint writes) and the folder."""
-    for entry in folder.iterdir():
-        if entry.is_file():
-            with open(entry, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(str(folder))
-
-
-def swap_in_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Put the complete folder ``tmp`` in place of ``path`` (a folder, file or link, or nothing) with two renames.
-
-    ``path`` is first renamed to its hidden ``.<name>.old`` twin, then ``tmp`` to ``path``, then the old one is
-    deleted. A folder cannot replace a non-empty folder in one atomic rename on POSIX, but at every instant either
-    the old or the new complete checkpoint exists under ``path`` or, between the two renames, under ``.<name>.old``,
-    which :func:`recover_interrupted_swap` renames back after a crash. A ``.<name>.old`` left next to an existing
-    ``path`` is stale (a crash after the second rename) and is deleted first.
-    """
-    tmp, path = Path(tmp), Path(path)
-    old = swap_names(path)[1]
-    for _ in range(3):
-        if os.path.lexists(path):
-            if os.path.lexists(old):
-                _remove(old)  # ``path`` is complete, so this is the leftover of an earlier swap
-            os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-            break
-        except OSError:
-            # A reader's recover_interrupted_swap put the old folder back between our two renames: go again.
-            if not (os.path.lexists(path) and tmp.is_dir()):
-                raise
-    else:
-        raise OSError(f"could not move {tmp} to {path}: it keeps reappearing")
-    _fsync_dir(str(path.parent))  # make the renames durable before the old checkpoint goes
-    if os.path.lexists(old):
-        _remove(old)
-
-
-def recover_interrupted_swap(path: str | os.PathLike, cleanup: bool = True) -> bool:
-    """Repair what a crash inside :func:`swap_in_folder` or :meth:`AtomicModelParallelStrategy.save_checkpoint` left.
-
-    If ``path`` is missing but its ``.<name>.old`` twin exists, the crash hit between the two renames: the old
-    complete checkpoint is renamed back (returns True). With ``cleanup`` it also deletes a half-written
-    ``.<name>.tmp`` and a stale ``.<name>.old`` next to an existing ``path``; only do that when no save to ``path``
-    can be running (before training starts), never from a reader that may run beside a training job.
-    Safe to call from several ranks at once.
-    """
-    path = Path(path)
-    tmp, old = swap_names(path)
-    recovered = False
-    if not os.path.lexists(path) and os.path.lexists(old):
-        try:
-            os.rename(old, path)
-            recovered = True
-        except FileNotFoundError:
-            pass  # another rank (or process) renamed it back first
-        _fsync_dir(str(path.parent))
-    if cleanup:
-        _remove(tmp)
-        if os.path.lexists(path):
-            _remove(old)
-    return recovered
+# The folder swap itself (swap_names, swap_in_folder, recover_interrupted_swap) lives in epg.io, free of Lightning,
+# so that epg.checkpoint can recover an interrupted swap without importing this module.
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
@@ -171,9 +65,10 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     The parent writes a sharded checkpoint (torch.distributed.checkpoint shard files and ``.metadata``, then rank 0's
     ``meta.pt``) in place, so a run killed while overwriting ``last.ckpt/`` leaves a mix of old and new shards. Here
     all ranks write into the hidden sibling ``.<name>.tmp`` (rank 0 deletes a stale one first), and once every rank
-    is done rank 0 fsyncs it and swaps it in with :func:`swap_in_folder`: at any instant the old or the new complete
-    folder exists under the name or, for the moment between two renames, under ``.<name>.old``, which ``epg fit
-    --ckpt_path last`` and :func:`epg.checkpoint.read_checkpoint` rename back (:func:`recover_interrupted_swap`).
+    is done rank 0 fsyncs it and swaps it in with :func:`epg.io.swap_in_folder`: at any instant the old or the new
+    complete folder exists under the name or, for the moment between two renames, under ``.<name>.old``, which ``epg
+    fit --ckpt_path last`` and :func:`epg.checkpoint.read_checkpoint` rename back
+    (:func:`epg.io.recover_interrupted_swap`).
     The folder must be on a file system all ranks share. Full (``save_distributed_checkpoint=False``) checkpoints
     keep the parent's single-file save through the CheckpointIO (:class:`AtomicCheckpointIO` under EPGCLI).
     In a config: ``trainer.strategy: {class_path: epg.lightning.faults.AtomicModelParallelStrategy}``.
@@ -185,12 +80,12 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(os.fspath(filepath))).absolute()  # rank 0's path, as the parent does
         tmp = swap_names(path)[0]
         if self.global_rank == 0:
-            _remove(tmp)  # a half-written folder of a killed save
+            remove(tmp)  # a half-written folder of a killed save
         self.barrier("epg_atomic_save_start")
         super().save_checkpoint(checkpoint, tmp)
         self.barrier("epg_atomic_save_written")
         if self.global_rank == 0:
-            _fsync_tree(tmp)  # the shard files are fsynced by torch.distributed.checkpoint, meta.pt is not
+            fsync_tree(tmp)  # the shard files are fsynced by torch.distributed.checkpoint, meta.pt is not
             swap_in_folder(tmp, path)
         self.barrier("epg_atomic_save_done")
 

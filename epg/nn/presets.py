@@ -88,7 +88,7 @@ def _row(enc: tuple[int, int, int], dec: tuple[int, int, int], image_size: int, 
 
 
 # Paper rows (METHOD.md §2.4): (blocks, width, heads) for encoder and decoder. Expected parameter counts
-# (decoder + encoder + class table) are asserted in tests/test_presets.py.
+# (decoder + encoder + class table) are asserted in tests/test_nn_presets.py.
 PRESETS: dict[str, EPGConfig] = {
     "EPG-L/16": _row((16, 1024, 16), (16, 1024, 16), 256, 16),  # 540.2M, FID 8.82 as a 1-step CM
     "EPG-XL/16": _row((12, 768, 12), (12, 1584, 22), 256, 16),  # 583.0M, FID 2.04
@@ -104,22 +104,24 @@ PRESETS: dict[str, EPGConfig] = {
     ),
     "EPG-Nano/4": dataclasses.replace(_row((2, 32, 2), (2, 32, 2), 16, 4), num_classes=10, proj_hidden=64, proj_out=16),
 }
-# Stage-1 names for the encoders the paper released (METHOD.md §2.4): the encoder part of these rows.
-ALIASES = {"RCM-B/16": "EPG-XL/16", "RCM-L/16": "EPG-L/16", "RCM-B/32": "EPG-L/32"}
-# RCM-B/32 is the B encoder at 512 px: same body as RCM-B/16 with patch 32.
-_B32 = dataclasses.replace(PRESETS["EPG-XL/16"], image_size=512, patch_size=32)
+# Stage-1 names for the encoders the paper released (METHOD.md §2.4: RCM-B on IN-256 and IN-512, RCM-L on IN-256).
+# RCM-B/16 and RCM-L/16 are the encoder part of a row (ALIASES); RCM-B/32, the B encoder at 512 px, is no row's
+# encoder (EPG-L/32 has the L one): it is RCM-B/16's body with 32-px patches (configs/pretrain/rcm_b32_in512.yaml).
+ALIASES = {"RCM-B/16": "EPG-XL/16", "RCM-L/16": "EPG-L/16"}
+STAGE1_PRESETS: dict[str, EPGConfig] = {
+    **{name: PRESETS[row] for name, row in ALIASES.items()},
+    "RCM-B/32": dataclasses.replace(PRESETS["EPG-XL/16"], image_size=512, patch_size=32),
+}
 
 
 def get_config(preset: str | EPGConfig, **overrides) -> EPGConfig:
     """Resolve a preset name (or config) and apply field overrides, with errors that name the bad option."""
     if isinstance(preset, EPGConfig):
         cfg = preset
-    elif preset == "RCM-B/32":
-        cfg = _B32
-    elif preset in PRESETS or preset in ALIASES:
-        cfg = PRESETS[ALIASES.get(preset, preset)]
+    elif preset in PRESETS or preset in STAGE1_PRESETS:
+        cfg = PRESETS.get(preset) or STAGE1_PRESETS[preset]
     else:
-        names = ", ".join([*PRESETS, *ALIASES])
+        names = ", ".join([*PRESETS, *STAGE1_PRESETS])
         raise ValueError(f"unknown preset {preset!r}: choose one of {names}")
     fields = {f.name for f in dataclasses.fields(EPGConfig)}
     unknown = sorted(set(overrides) - fields)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from epg.io import seed_words
+
 LABEL_MODES = ("balanced", "random")
 
 
@@ -14,7 +16,7 @@ def image_seeds(seed: int, index: int) -> tuple[int, int, int]:
     """Independent seeds for image ``index``'s initial noise, random label and in-loop sampler noise."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed {seed} and index {index} must be non-negative")
-    noise, label, loop = np.random.SeedSequence([seed, index]).generate_state(3)
+    noise, label, loop = seed_words(seed, index, count=3)  # numpy's SeedSequence([seed, index]), three uint32 words
     return int(noise), int(label), int(loop)
 
 
