@@ -16,12 +16,11 @@ from torch import nn
 from epg.checkpoint import OBJECTIVE_SAMPLERS, load_stage1_representation
 from epg.lightning.base import EPGModule, param_groups, seeded_generator
 from epg.lightning.faults import nonfinite_span
-from epg.lightning.objectives import CM_WEIGHTINGS, LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
-from epg.method.curriculum import ect_stage
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine, warmup_steps_schedule
 from epg.method.normalization import NORMALIZATIONS, denormalize
+from epg.method.objectives import OBJECTIVE_LOSSES, FinetuneLoss, denoising_mse, legacy_loss
 from epg.nn.network import EPGNetwork, EPGRepresentation, build_network, build_representation
 from epg.nn.official import CheckpointMismatchError, load_into
 from epg.nn.presets import NetworkOptions, network_overrides, with_stage1_encoder
@@ -63,9 +62,11 @@ def _frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
 class FinetuneModule(EPGModule):
     """Fine-tune a stage-1 encoder plus a fresh decoder as a DM (x0, §4) or an ECT consistency model (edm, §5).
 
-    Per-objective defaults (None picks them) follow the paper: DM betas (0.9, 0.999), weight decay 0.01, P_mean −1.2,
-    warmup + cosine LR, grad clip 0.5 after warmup; CM betas (0.9, 0.99), weight decay 0.03, P_mean −0.4, warmup +
-    LR steps (×0.3 after update 400K, ×0.08 after 500K), no clipping. ``grad_clip=0`` turns clipping off.
+    The loss, with its noise draws, weights and ECT schedule, is ``loss`` (:mod:`epg.method.objectives`); this
+    module holds the networks, the optimizer and LR schedule, the EMA copies, the seeds, logging and checkpoints.
+    Per-objective optimizer defaults (None picks them) follow the paper: DM betas (0.9, 0.999), weight decay 0.01,
+    warmup + cosine LR, grad clip 0.5 after warmup; CM betas (0.9, 0.99), weight decay 0.03, warmup + LR steps (×0.3
+    after update 400K, ×0.08 after 500K), no clipping. ``grad_clip=0`` turns clipping off.
 
     Checkpoints hold the online network (``net.``), one EMA copy per rate (``ema_nets.<i>.``), the CM's frozen
     stage-1 network (``aux_net.``), the applied-update count and everything Lightning keeps (optimizer, scaler,
@@ -77,6 +78,9 @@ class FinetuneModule(EPGModule):
             The encoder's shape (image and patch size, width, depth, heads; the decoder depth follows) comes from
             ``init_from`` unless ``network`` sets it; the hyper-parameter ``network`` records what was taken.
         objective: "diffusion" (METHOD.md §4) or "consistency" (§5).
+        loss: the objective's loss, e.g. ``{class_path: epg.method.objectives.ConsistencyLoss, init_args: {...}}``
+            in a config (default: the objective's :class:`~epg.method.objectives.DiffusionLoss` or
+            :class:`~epg.method.objectives.ConsistencyLoss` with the paper's values); it must fit ``objective``.
         init_from: stage-1 checkpoint (PretrainModule .ckpt or official RCM file) whose online encoder initialises
             ours (§2.3); None trains from scratch (an ablation, §9.6; the CM needs it for its auxiliary loss).
         init_preset: preset of an official RCM file (default: ``preset``).
@@ -86,12 +90,6 @@ class FinetuneModule(EPGModule):
             Under EPGCLI ``total_steps`` is also the run's length (``trainer.max_steps`` defaults to it).
         grad_clip: global-norm clip applied once ``warmup_steps`` updates are done.
         ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
-        p_mean, p_std: log-normal noise draw, unshifted (DM σ, §4; CM t, §5.3).
-        sigma_grid: DM Karras grid size (§4 step 2). loss_weighting: DM weight, see ``objectives.diffusion_weight``.
-        ect_d0, ect_d1, ect_delta, ect_q, ect_kappa, ect_b: ECT stage and (t, r) parameters (§5.3).
-        huber_c, aux_weight, aux_tau: CM pseudo-Huber c, auxiliary InfoNCE weight and temperature (§5.4).
-        ect_weighting: CM weight, "inverse_gap" (the paper's 1/(t′ − r′), §5.4) or "inverse_gap_scaled" (for short
-            runs), see ``objectives.consistency_loss``.
         normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
             draw independently (METHOD.md §4), and a resumed run continues with the draws it would have made.
@@ -106,6 +104,8 @@ class FinetuneModule(EPGModule):
             paper's (0.19, 1.61], METHOD.md §6.2; None: every level).
         compile: ``torch.compile`` the online network (and the CM target) in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
+        **legacy: the flat loss keys of older configs and checkpoints (``p_mean``, ``ect_d0``, ``huber_c``,
+            ``loss_weighting``, ...), moved into ``loss`` with a deprecation warning.
     """
 
     def __init__(
@@ -113,6 +113,7 @@ class FinetuneModule(EPGModule):
         preset: str = "EPG-XL/16",
         network: NetworkOptions | dict | None = None,
         objective: Literal["diffusion", "consistency"] = "diffusion",
+        loss: FinetuneLoss | None = None,
         init_from: str | None = None,
         init_preset: str | None = None,
         lr: float = 1e-4,
@@ -125,20 +126,6 @@ class FinetuneModule(EPGModule):
         lr_factors: tuple[float, ...] = (0.3, 0.08),
         grad_clip: float | None = None,
         ema_rates: tuple[float, ...] = (0.9999,),
-        p_mean: float | None = None,
-        p_std: float = 1.6,
-        sigma_grid: int = 1280,
-        loss_weighting: Literal["inverse_spacing", "edm", "uniform"] = "inverse_spacing",
-        ect_d0: int = 100_000,
-        ect_d1: int = 100_000,
-        ect_delta: int = 1,
-        ect_q: float = 2.0,
-        ect_kappa: float = 8.0,
-        ect_b: float = 1.0,
-        huber_c: float = 0.06,
-        ect_weighting: Literal["inverse_gap", "inverse_gap_scaled"] = "inverse_gap",
-        aux_weight: float = 1.0,
-        aux_tau: float = 0.1,
         normalization: Literal["imagenet", "simple"] = "imagenet",
         seed: int = 1234,
         paper_grad_scaler: bool = True,
@@ -154,20 +141,27 @@ class FinetuneModule(EPGModule):
         sample_guidance_interval: tuple[float, float] | None = GUIDANCE_INTERVAL,
         compile: bool = False,
         optimizer_impl: Literal["fused", "foreach"] = "fused",
+        **legacy: Any,
     ) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.loss = legacy_loss(loss, legacy, objective, FinetuneLoss, OBJECTIVE_LOSSES[objective])
+        if self.loss.objective != objective:
+            raise ValueError(
+                f"loss {type(self.loss).__name__} trains the {self.loss.objective} objective, but objective is "
+                f"{objective!r}: set objective: {self.loss.objective} or a {OBJECTIVE_LOSSES[objective].__name__}"
+            )
         restoring = _RESTORING.get()
         network = network_overrides(network)
         representation = None
         if init_from and not restoring:
             representation = load_stage1_representation(init_from, preset=init_preset or preset)
             network = with_stage1_encoder(preset, network, representation.config)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["loss", "legacy", *legacy])
         self.hparams.network = network or None  # plain EPGConfig overrides (LightningCLI saves its parsed value)
+        self.hparams.loss = self.loss.spec()  # plain class_path + init_args (LightningCLI saves its parsed value)
         for name, value, choices in (
-            ("objective", objective, OBJECTIVES),
-            ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
-            ("ect_weighting", ect_weighting, CM_WEIGHTINGS),
             ("normalization", normalization, NORMALIZATIONS),
             ("lr_schedule", lr_schedule, (*LR_SCHEDULES, None)),
         ):
@@ -177,12 +171,11 @@ class FinetuneModule(EPGModule):
             raise ValueError(f"lr_milestones {lr_milestones} and lr_factors {lr_factors} must have the same length")
         cm = objective == "consistency"
         self.objective = objective
-        self.parameterization = "edm" if cm else "x0"  # METHOD.md §1.5
+        self.parameterization = self.loss.parameterization  # METHOD.md §1.5
         self.betas = tuple(betas) if betas is not None else ((0.9, 0.99) if cm else (0.9, 0.999))
         self.weight_decay = weight_decay if weight_decay is not None else (0.03 if cm else 0.01)
         self.lr_schedule = lr_schedule or ("steps" if cm else "cosine")
         self.grad_clip = (None if cm else 0.5) if grad_clip is None else (grad_clip or None)
-        self.p_mean = p_mean if p_mean is not None else (-0.4 if cm else -1.2)
         self.sample_sampler = sample_sampler or OBJECTIVE_SAMPLERS[objective]
         interval = None if sample_guidance_interval is None else tuple(float(v) for v in sample_guidance_interval)
         # The grid's guidance (None when sample_guidance is None or 1); an invalid interval fails here, not at a grid.
@@ -285,48 +278,21 @@ class FinetuneModule(EPGModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         y = y if self.net.class_embed is not None else None
-        hp, generator = self.hparams, self.noise_generator(x.device, self._micro_batch(batch_idx))
+        generator = self.noise_generator(x.device, self._micro_batch(batch_idx))
         log = dict(on_step=True, on_epoch=False, batch_size=x.shape[0])
         denoiser = self.denoiser()
         if self.objective == "diffusion":
-            terms = diffusion_loss(
-                denoiser,
-                x,
-                y,
-                p_mean=self.p_mean,
-                p_std=hp.p_std,
-                n_grid=hp.sigma_grid,
-                weighting=hp.loss_weighting,
-                generator=generator,
-            )
+            terms = self.loss(denoiser, x, y, generator=generator)
             if self._trainer is not None:  # the NaN/inf record (also kept under a grad scaler: skip limit)
                 self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
             if self._logging_step():
                 self._log_sigma_buckets(terms.sigma, terms.weighted.detach())
                 self.log("train/x0_mse", terms.mse.mean(), **log)
         else:
-            stage = ect_stage(self.updates, hp.ect_d0, hp.ect_d1, hp.ect_delta)
-            terms = consistency_loss(
-                denoiser,
-                self.denoiser(self.target_net),
-                self.aux_net,
-                x,
-                y,
-                stage=stage,
-                p_mean=self.p_mean,
-                p_std=hp.p_std,
-                q=hp.ect_q,
-                kappa=hp.ect_kappa,
-                b=hp.ect_b,
-                huber_c=hp.huber_c,
-                weighting=hp.ect_weighting,
-                aux_weight=hp.aux_weight,
-                aux_tau=hp.aux_tau,
-                generator=generator,
-            )
+            stage = self.loss.stage(self.updates)
+            terms = self.loss(denoiser, self.denoiser(self.target_net), self.aux_net, x, y, stage, generator=generator)
             if self._trainer is not None:
-                per_sample = terms.consistency + hp.aux_weight * terms.aux
-                self.watch_loss(terms.loss, *nonfinite_span(per_sample, denoiser.shift * terms.t), label="t'")
+                self.watch_loss(terms.loss, *nonfinite_span(terms.per_sample, denoiser.shift * terms.t), label="t'")
             self.log("train/ect_stage", float(stage), **log)
             self.log("train/consistency", terms.consistency.detach().mean(), **log)
             self.log("train/aux", terms.aux.detach().mean(), **log)

@@ -1,4 +1,5 @@
-"""Step-dependent schedules: stage-1 N(k) and noise pairs, the DM σ draw and weights, ECT (t, r) (METHOD.md §3–§5)."""
+"""Step-dependent schedules and draws: stage-1 N(k), noise pairs and τ, the DM σ draw, the ECT stage and (t, r)
+(METHOD.md §3–§5). The losses that use them, with the DM and CM weights, are in :mod:`epg.method.objectives`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 
-from epg.method.noise import SIGMA_MAX, SIGMA_MIN, karras_grid, karras_sigma
+from epg.method.noise import SIGMA_MAX, SIGMA_MIN, karras_grid
 
 # ---- Stage 1 (METHOD.md §3.2–§3.3, §3.6) ---------------------------------------------------------------------------
 
@@ -62,12 +63,6 @@ def dm_sigma_index(
     grid = karras_grid(n).to(log_sigma.device)
     # The grid is decreasing; nearest neighbour by absolute difference in σ, clamped to 0..N−1.
     return (log_sigma.exp()[:, None] - grid[None, :]).abs().argmin(dim=1)
-
-
-def dm_loss_weight(index: torch.Tensor, n: int = 1280) -> torch.Tensor:
-    """w_i = 1/(σ_i − σ_{i+1}) on the unshifted N-grid, σ_N from the formula past its end (METHOD.md §4 step 4)."""
-    index = index.to(torch.float64)
-    return 1.0 / (karras_sigma(index, n) - karras_sigma(index + 1, n)).to(index.device)
 
 
 # ---- Stage 2b, consistency (METHOD.md §5.3) ------------------------------------------------------------------------
