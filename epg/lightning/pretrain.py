@@ -23,10 +23,11 @@ from epg.method.curriculum import pair_sigmas
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine
 from epg.method.noise import resolution_shift
-from epg.method.objectives import RCMLoss, legacy_loss
 from epg.method.normalization import denormalize
+from epg.method.objectives import RCMLoss, legacy_loss
 from epg.nn.network import EPGRepresentation, build_representation
 from epg.nn.presets import NetworkOptions, network_overrides
+
 
 class PretrainModule(EPGModule):
     """Online encoder + projector trained by contrastive + representation-consistency InfoNCE (METHOD.md §3).

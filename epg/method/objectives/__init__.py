@@ -17,6 +17,9 @@ from epg.method.objectives.base import (
     gaussian_like,
     legacy_key_message,
     legacy_loss,
+    loss_kind,
+    loss_spec,
+    migrate_hparams,
     split_legacy,
 )
 from epg.method.objectives.consistency import (
@@ -65,6 +68,9 @@ __all__ = [
     "gaussian_like",
     "legacy_key_message",
     "legacy_loss",
+    "loss_kind",
+    "loss_spec",
+    "migrate_hparams",
     "represent",
     "shared_dropout_pair",
     "split_legacy",

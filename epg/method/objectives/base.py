@@ -106,8 +106,9 @@ def legacy_key_message(key: str, kind: str) -> str | None:
     if not found:
         return None
     names = {"rcm": "RCMLoss", "diffusion": "DiffusionLoss", "consistency": "ConsistencyLoss"}
-    where = " or ".join(f"model.init_args.loss.init_args.{new} ({PACKAGE}.{names[k]})" for k, new in found)
-    return f"model.init_args.{key} moved into the loss object: set {where}"
+    new = "/".join(sorted({name for _, name in found}))
+    classes = " or ".join(f"{PACKAGE}.{names[k]}" for k, _ in found)
+    return f"moved into the loss object: set model.init_args.loss.init_args.{new} (loss class_path {classes})"
 
 
 def split_legacy(hparams: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -159,3 +160,30 @@ def legacy_loss(
         stacklevel=3,
     )
     return default(**init_args)
+
+
+def loss_kind(hparams: Mapping[str, Any]) -> str:
+    """ "rcm" for a stage-1 module's hyper-parameters, else the stage-2 objective ("diffusion" by default)."""
+    return str(hparams.get("objective") or "diffusion") if "objective" in hparams else "rcm"
+
+
+def default_loss(kind: str) -> type[Objective]:
+    """The loss class of a kind ("rcm", "diffusion", "consistency")."""
+    from epg.method.objectives import OBJECTIVE_LOSSES, RCMLoss
+
+    return RCMLoss if kind == "rcm" else OBJECTIVE_LOSSES[kind]
+
+
+def loss_spec(value: Objective | Mapping | None, kind: str) -> dict[str, Any]:
+    """The full ``{"class_path", "init_args"}`` of a module's ``loss`` value (None: the kind's default loss)."""
+    return build_loss(value, Objective, default_loss(kind)).spec()
+
+
+def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A module's hyper-parameters with the flat loss keys of older checkpoints moved into ``loss`` (a spec)."""
+    hparams = dict(hparams)
+    kind = loss_kind(hparams)
+    if "loss" in hparams or not set(hparams) & set(LEGACY_KEYS[kind]):
+        return hparams
+    rest, init_args = split_legacy(hparams, kind)
+    return {**rest, "loss": default_loss(kind)(**init_args).spec()}

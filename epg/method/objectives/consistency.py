@@ -17,7 +17,7 @@ from epg.method.objectives.base import FinetuneLoss, gaussian_like
 CM_WEIGHTINGS = ("inverse_gap", "inverse_gap_scaled")
 
 
-def consistency_weight(t: torch.Tensor, r: torch.Tensor, shift: float, weighting: str = "inverse_gap") -> torch.Tensor:
+def consistency_weight(t: torch.Tensor, r: torch.Tensor, shift: float, weighting: str) -> torch.Tensor:
     """w = 1/(t′ − r′) (0 where t′ = r′) for unshifted float64 (t, r), as float32 (METHOD.md §5.4).
 
     "inverse_gap" is the paper's w; "inverse_gap_scaled" multiplies it by √(t′² + σ_d²)/σ_d = 1/(σ_d·c_in(t′)), an

@@ -14,15 +14,13 @@ from epg.method.objectives.base import FinetuneLoss, gaussian_like
 DM_WEIGHTINGS = ("inverse_spacing", "edm", "uniform")
 
 
-def dm_loss_weight(index: torch.Tensor, n: int = 1280) -> torch.Tensor:
+def dm_loss_weight(index: torch.Tensor, n: int) -> torch.Tensor:
     """w_i = 1/(σ_i − σ_{i+1}) on the unshifted N-grid, σ_N from the formula past its end (METHOD.md §4 step 4)."""
     index = index.to(torch.float64)
     return 1.0 / (karras_sigma(index, n) - karras_sigma(index + 1, n)).to(index.device)
 
 
-def diffusion_weight(
-    index: torch.Tensor, sigma_shifted: torch.Tensor, weighting: str = "inverse_spacing", n_grid: int = 1280
-) -> torch.Tensor:
+def diffusion_weight(index: torch.Tensor, sigma_shifted: torch.Tensor, weighting: str, n_grid: int) -> torch.Tensor:
     """Per-sample DM loss weight (B,) float32.
 
     "inverse_spacing": 1/(σ_i − σ_{i+1}) on the unshifted grid (the paper, METHOD.md §4 step 4);
