@@ -202,3 +202,43 @@ def test_old_flags_are_passed_on_to_the_loss_object():
     ]  # fmt: skip
     same = ["fit", "--model.init_args.loss.init_args.ect_d0", "7"]
     assert move_legacy_loss_flags(same) is same
+
+
+def _printed(capsys, *args: str) -> dict:
+    from epg.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_shows_the_loss_and_old_flags_reach_it(capsys, tmp_path):
+    from pathlib import Path
+
+    from epg.cli import main
+
+    root = Path(__file__).parents[1]
+    cm = str(root / "configs/finetune/epg_l16_cm_in256.yaml")
+    loss = _printed(capsys, "-c", cm)["model"]["init_args"]["loss"]
+    assert loss["class_path"] == "epg.method.objectives.ConsistencyLoss"
+    assert loss["init_args"] == ConsistencyLoss().init_args()  # the paper row: every value the paper's
+    with pytest.warns(UserWarning, match="deprecated"):
+        cfg = _printed(capsys, "-c", cm, "--model.init_args.ect_d0", "7", "--model.init_args.loss.init_args.ect_d1=9")
+    assert (
+        cfg["model"]["init_args"]["loss"]["init_args"]["ect_d0"],
+        cfg["model"]["init_args"]["loss"]["init_args"]["ect_d1"],
+    ) == (7, 9)
+    pre = _printed(capsys, "-c", str(root / "configs/pretrain/rcm_b16_in256.yaml"))["model"]["init_args"]["loss"]
+    assert pre == RCMLoss().spec()
+    old = yaml.safe_load((root / "configs/demo/finetune_dm.yaml").read_text())
+    old["model"]["init_args"] |= old["model"]["init_args"].pop("loss")["init_args"] | {"loss_weighting": "uniform"}
+    del old["model"]["init_args"]["weighting"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert main(["fit", "-c", str(tmp_path / "old.yaml"), "--print_config"]) == 2
+    err = capsys.readouterr().err  # the first old key of the (sorted) file, renamed on the way
+    assert (
+        "model.init_args.loss_weighting: moved into the loss object: set model.init_args.loss.init_args.weighting "
+        in err
+    )
+    assert "(loss class_path epg.method.objectives.DiffusionLoss)" in err
