@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import copy
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -14,7 +10,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from epg.checkpoint import OBJECTIVE_SAMPLERS, load_stage1_representation
-from epg.lightning.base import EPGModule, param_groups, seeded_generator
+from epg.lightning.base import (
+    EPGModule,
+    frozen_copy,
+    is_restoring,
+    log_sigma_buckets,
+    param_groups,
+    restoring_checkpoint,
+    seeded_generator,
+)
 from epg.lightning.faults import nonfinite_span
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
@@ -34,29 +38,8 @@ if TYPE_CHECKING:
 OBJECTIVES = ("diffusion", "consistency")
 LR_SCHEDULES = ("cosine", "steps")
 NO_DECAY = ("pos_embed", "cls_token")  # METHOD.md §4, §5.5
-SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # unshifted σ edges of the per-bucket DM loss logs
 # Submodules not checkpointed: the CM target is rebuilt as a copy of the online network on loading.
 UNSAVED = ("target_net.",)
-_RESTORING = contextvars.ContextVar("epg_restoring_checkpoint", default=False)
-
-
-@contextlib.contextmanager
-def restoring_checkpoint() -> Iterator[None]:
-    """FinetuneModules built inside read nothing from ``init_from``: the checkpoint loaded next holds the encoder and
-    the CM's frozen stage-1 network, so resuming never needs that file. ``network`` must then be the checkpoint's
-    (with the encoder fields it took from the stage-1 file), as EPGCLI and :meth:`load_from_checkpoint` pass it."""
-    token = _RESTORING.set(True)
-    try:
-        yield
-    finally:
-        _RESTORING.reset(token)
-
-
-def _frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
-    """A gradient-free deep copy of ``net`` in train or eval mode."""
-    clone = copy.deepcopy(net)
-    clone.requires_grad_(False)
-    return clone.train(train)
 
 
 class FinetuneModule(EPGModule):
@@ -152,7 +135,7 @@ class FinetuneModule(EPGModule):
                 f"loss {type(self.loss).__name__} trains the {self.loss.objective} objective, but objective is "
                 f"{objective!r}: set objective: {self.loss.objective} or a {OBJECTIVE_LOSSES[objective].__name__}"
             )
-        restoring = _RESTORING.get()
+        restoring = is_restoring()
         network = network_overrides(network)
         representation = None
         if init_from and not restoring:
@@ -195,9 +178,9 @@ class FinetuneModule(EPGModule):
                 "(the 'from scratch' ablation of METHOD.md §9.6)"
             )
         # Sampling EMA copies start equal to the online weights after loading (METHOD.md §4).
-        self.ema_nets = nn.ModuleList([_frozen_copy(self.net) for _ in ema_rates])
+        self.ema_nets = nn.ModuleList([frozen_copy(self.net) for _ in ema_rates])
         # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2) and the frozen stage-1 network (§5.4).
-        self.target_net = _frozen_copy(self.net, train=True) if cm else None
+        self.target_net = frozen_copy(self.net, train=True) if cm else None
         self.aux_net = None
         if cm:  # restored from the checkpoint when it was not read from init_from
             aux = representation if representation is not None else build_representation(self.net.config)
@@ -286,7 +269,7 @@ class FinetuneModule(EPGModule):
             if self._trainer is not None:  # the NaN/inf record (also kept under a grad scaler: skip limit)
                 self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
             if self._logging_step():
-                self._log_sigma_buckets(terms.sigma, terms.weighted.detach())
+                log_sigma_buckets(self, terms.sigma, terms.weighted.detach())
                 self.log("train/x0_mse", terms.mse.mean(), **log)
         else:
             stage = self.loss.stage(self.updates)
@@ -305,20 +288,6 @@ class FinetuneModule(EPGModule):
 
     def _logging_step(self) -> bool:
         return self._trainer is None or self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
-
-    def _log_sigma_buckets(self, sigma: torch.Tensor, weighted: torch.Tensor) -> None:
-        """Mean weighted DM loss per unshifted-σ bucket (rank-local, only the buckets present)."""
-        edges = torch.tensor(SIGMA_BUCKETS, device=sigma.device, dtype=sigma.dtype)
-        bucket = torch.bucketize(sigma, edges)
-        names = [f"lt{SIGMA_BUCKETS[0]:g}"]
-        names += [f"{lo:g}-{hi:g}" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:], strict=True)]
-        names += [f"ge{SIGMA_BUCKETS[-1]:g}"]
-        for i in bucket.unique().tolist():
-            mask = bucket == i
-            count = int(mask.sum())
-            self.log(
-                f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
-            )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

@@ -17,13 +17,19 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from epg.lightning.base import EPGModule, param_groups, seeded_generator
-from epg.lightning.knn import cls_features, encoder_features, eval_loader, gather_rows, knn_accuracy
+from epg.lightning.base import EPGModule, param_groups, seeded_generator, write_stage1_file
+from epg.lightning.knn import (
+    bank_accuracy,
+    cls_features,
+    encoder_features,
+    gather_queries,
+    log_view_grid,
+    training_bank_loader,
+)
 from epg.method.curriculum import pair_sigmas
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine
 from epg.method.noise import resolution_shift
-from epg.method.normalization import denormalize
 from epg.method.objectives import RCMLoss, legacy_loss
 from epg.nn.network import EPGRepresentation, build_representation
 from epg.nn.presets import NetworkOptions, network_overrides
@@ -169,21 +175,8 @@ class PretrainModule(EPGModule):
         return out["loss"]
 
     def log_views(self, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
-        """Once per run (step 0): an image grid of the first ``count`` crops x0 and their two augmented views.
-
-        Rows: x0 (the consistency branch's clean crop), view 1, view 2 (the contrastive branch's inputs before noise,
-        METHOD.md §3.4, §7). Written to loggers that take images (TensorBoard: ``train/views``).
-        """
-        if not self.trainer.is_global_zero or self.logger is None:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_image"):
-            return
-        from torchvision.utils import make_grid
-
-        rows = [denormalize(x[:count].detach().float(), self.hparams.normalization) for x in (x0, v1, v2)]
-        grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=min(count, x0.shape[0]), padding=1)
-        experiment.add_image("train/views", grid, self.trainer.global_step)
+        """Once per run (step 0): the first ``count`` crops x0 and their two views (:func:`log_view_grid`)."""
+        log_view_grid(self, x0, v1, v2, count)
 
     # ---- hooks ----
     def configure_optimizers(self) -> dict:
@@ -209,18 +202,7 @@ class PretrainModule(EPGModule):
 
     def export_stage1(self, path: str | os.PathLike) -> None:
         """Write the hand-over file (hyper-parameters + ``online.*`` weights) for stage 2 (METHOD.md §3.9)."""
-        import lightning
-
-        payload = {
-            "pytorch-lightning_version": lightning.__version__,  # marks the Lightning layout for the loader
-            "hyper_parameters": dict(self.hparams),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith("online.")},
-            "epg_updates": self.updates,
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{os.fspath(path)}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write_stage1_file(path, dict(self.hparams), self.state_dict(), self.updates)
 
     # ---- validation: k-NN accuracy of CLS features ----
     def on_validation_epoch_start(self) -> None:
@@ -237,27 +219,12 @@ class PretrainModule(EPGModule):
 
         None without a datamodule that has ``train_shards`` (then no ``val/knn_acc``); override to use another bank.
         """
-        data = self.trainer.datamodule
-        if getattr(data, "train_shards", None) is None:
-            return None
-        return eval_loader(
-            data.train_shards,
-            image_size=data.image_size,
-            normalization=data.normalization,
-            batch_size=data.val_batch_size or data.per_device_batch_size,
-            subset=self.hparams.knn_bank_size,
-            seed=self.hparams.seed,
-            num_workers=data.num_workers,
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
-        )
+        return training_bank_loader(self.trainer, self.hparams.knn_bank_size, self.hparams.seed, self.global_rank)
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/knn_acc``: the val images of all ranks as queries against the bank of training images."""
         encoder = self.online.encoder
-        empty = torch.zeros(0, encoder.dim, device=self.device)
-        queries = gather_rows(torch.cat([empty, *self._val_feats]))
-        labels = gather_rows(torch.cat([empty.new_zeros(0, dtype=torch.long), *self._val_labels]).long())
+        queries, labels = gather_queries(self._val_feats, self._val_labels, encoder.dim, self.device)
         self._val_feats, self._val_labels = [], []
         if queries.shape[0] == 0:
             return
@@ -272,9 +239,7 @@ class PretrainModule(EPGModule):
             return
         with self.trainer.precision_plugin.val_step_context():  # the precision of the query features
             bank_feats, bank_labels = encoder_features(encoder, bank, self.device)
-        bank_feats, bank_labels = gather_rows(bank_feats), gather_rows(bank_labels)
-        hp = self.hparams
-        acc = knn_accuracy(bank_feats, bank_labels, queries, labels, k=hp.knn_k, temperature=hp.knn_temperature)
+        acc = bank_accuracy(bank_feats, bank_labels, queries, labels, self.hparams.knn_k, self.hparams.knn_temperature)
         self.log("val/knn_acc", acc, prog_bar=True, sync_dist=True)  # same value on every rank
         if not self.trainer.sanity_checking:
             self.log_hp_metric(acc)  # stage 1's headline number
