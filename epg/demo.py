@@ -90,11 +90,13 @@ def run_length(cfg: dict) -> int:
 def schedule_args(cfg: dict, steps: int) -> list[str]:
     """Overrides that rescale a config's step-valued schedule (warm-up, LR steps, ECT stages) to ``steps``."""
     init, planned = cfg["model"]["init_args"], run_length(cfg)
+    loss = (init.get("loss") or {}).get("init_args") or {}  # the ECT stages are the loss object's (ConsistencyLoss)
     scale = steps / planned
     args = []
-    for key in ("warmup_steps", "ect_d0", "ect_d1"):
-        if key in init and steps != planned:
-            args += [f"--model.init_args.{key}", str(max(1, round(init[key] * scale)))]
+    for prefix, options, keys in (("", init, ("warmup_steps",)), ("loss.init_args.", loss, ("ect_d0", "ect_d1"))):
+        for key in keys:
+            if key in options and steps != planned:
+                args += [f"--model.init_args.{prefix}{key}", str(max(1, round(options[key] * scale)))]
     if "lr_milestones" in init and steps != planned:
         milestones = [max(1, round(m * scale)) for m in init["lr_milestones"]]
         args += ["--model.init_args.lr_milestones", json.dumps(milestones)]

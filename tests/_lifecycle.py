@@ -39,18 +39,22 @@ SIZE_AND_TIME = {
         "warmup_steps",
         "total_steps",
         "lr_milestones",
-        "ect_d0",
-        "ect_d1",
+        "loss",  # its init_args: LOSS_SIZE_AND_TIME only
         "grid_size",
         "knn_bank_size",
     },
     "data": {"image_size", "global_batch_size", "val_batch_size", "num_workers"},
 }
+LOSS_SIZE_AND_TIME = {"ect_d0", "ect_d1"}  # what SHRINK.yaml may set in model.init_args.loss.init_args
 # Per kind: the first run's last step, the final step, and the compressed schedule.
 PLANS = {
     "pretrain": {"stop": 6, "end": 12, "model": {"warmup_steps": 2, "total_steps": 12}},
     "dm": {"stop": 3, "end": 20, "model": {"warmup_steps": 4, "total_steps": 10}},  # fp16: the scaler skips some
-    "cm": {"stop": 3, "end": 16, "model": {"warmup_steps": 2, "lr_milestones": [6, 8], "ect_d0": 2, "ect_d1": 2}},
+    "cm": {
+        "stop": 3,
+        "end": 16,
+        "model": {"warmup_steps": 2, "lr_milestones": [6, 8], "loss": {"init_args": {"ect_d0": 2, "ect_d1": 2}}},
+    },
 }
 
 
@@ -113,6 +117,8 @@ def shrink(cfg: dict, max_steps: int, probe: str, device: str = "cpu", batch: in
     for section, keys in SIZE_AND_TIME.items():
         given = out[section]["init_args"] if section == "model" else out[section]
         assert set(given) <= keys, f"SHRINK.yaml may change only size and time, not {set(given) - keys}"
+    loss = set(out["model"]["init_args"].get("loss", {}).get("init_args", {}))
+    assert loss <= LOSS_SIZE_AND_TIME, f"SHRINK.yaml may change only size and time, not {loss - LOSS_SIZE_AND_TIME}"
     return out
 
 
@@ -203,7 +209,7 @@ def check_lifecycle(cfg: dict, rows: list[dict]) -> dict:
     else:
         # ECT stage a = δ + ⌊k/d⌋ for k ≥ d (d0 = d1 = 2) (§5.3); LR ×1 through update 6, ×f0 through 8, then ×f1
         # (the official step, §5.5: the factor changes on the update after the milestone).
-        delta = args["ect_delta"]
+        delta = args["loss"]["init_args"]["ect_delta"]
         stages = {k: by_updates[k]["ect_stage"] for k in (0, 1, 2, 3, 4, 6)}
         assert stages == {0: delta, 1: delta, 2: delta + 1, 3: delta + 1, 4: delta + 2, 6: delta + 3}, stages
         factors = args.get("lr_factors", [0.3, 0.08])

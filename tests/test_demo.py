@@ -24,7 +24,9 @@ def test_schedule_args_rescale_the_cm_schedule() -> None:
     cfg = yaml.safe_load((CONFIGS / "finetune_cm.yaml").read_text())
     args = schedule_args(cfg, 2 * run_length(cfg))
     pairs = dict(zip(args[::2], args[1::2], strict=True))
-    assert pairs["--model.init_args.ect_d0"] == str(2 * cfg["model"]["init_args"]["ect_d0"])
+    loss = cfg["model"]["init_args"]["loss"]["init_args"]
+    assert pairs["--model.init_args.loss.init_args.ect_d0"] == str(2 * loss["ect_d0"])
+    assert pairs["--model.init_args.loss.init_args.ect_d1"] == str(2 * loss["ect_d1"])
     assert json.loads(pairs["--model.init_args.lr_milestones"]) == [
         2 * m for m in cfg["model"]["init_args"]["lr_milestones"]
     ]

@@ -8,7 +8,7 @@ import torch
 
 from epg.lightning.base import PAPER_SCALER
 from epg.lightning.finetune import FinetuneModule
-from epg.lightning.objectives import _rng_devices
+from epg.method.objectives.consistency import _rng_devices
 
 
 def test_shared_dropout_forks_the_rng_of_the_tensor_cuda_device(monkeypatch):

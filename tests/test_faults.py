@@ -14,7 +14,6 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-import epg.lightning.finetune as finetune
 from epg import cli
 from epg.lightning.cli import check_config, config_error, run_lightning_cli
 from epg.lightning.faults import (
@@ -27,6 +26,7 @@ from epg.lightning.faults import (
 )
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
+from epg.method.objectives import DiffusionLoss, RCMLoss
 from tests._trainers import cpu_trainer
 from tests.test_finetune_module import write_stage1
 from tests.test_resume import ENV, REPO, demo_data, write_config  # noqa: F401  (demo_data is a fixture)
@@ -115,14 +115,14 @@ def test_nonfinite_watch_keeps_the_first_bad_step():
 def test_nan_in_dm_stops_naming_step_and_sigma(tmp_path, monkeypatch):
     """An inf pixel in one sample of step 2: the error names step 2 and that sample's σ'; no later checkpoint."""
     sigmas = []
-    real_loss = finetune.diffusion_loss
+    real_loss = DiffusionLoss.__call__
 
-    def recording_loss(denoiser, *args, **kwargs):
-        terms = real_loss(denoiser, *args, **kwargs)
+    def recording_loss(self, denoiser, *args, **kwargs):
+        terms = real_loss(self, denoiser, *args, **kwargs)
         sigmas.append(denoiser.shift * terms.sigma)
         return terms
 
-    monkeypatch.setattr(finetune, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(DiffusionLoss, "__call__", recording_loss)
     torch.manual_seed(0)
     module = FinetuneModule(preset=NANO, warmup_steps=1, total_steps=10, ema_rates=(0.9,), sample_every_n_val=0)
     with pytest.raises(NonFiniteLossError) as info:
@@ -178,10 +178,16 @@ def test_check_config_names_the_option(tmp_path):
 
 def test_constructor_errors_name_the_argument():
     try:
-        PretrainModule(preset=NANO, tau_schedule="sometimes")
+        PretrainModule(preset=NANO, loss=RCMLoss(tau_schedule="sometimes"))
     except ValueError as err:
-        found = config_error(err, {"model": {"class_path": "x", "init_args": {"preset": NANO, "tau_schedule": "s"}}})
-    assert found is not None and found.option == "model.init_args.tau_schedule"
+        loss = {"class_path": "epg.method.objectives.RCMLoss", "init_args": {"tau_schedule": "s"}}
+        found = config_error(err, {"model": {"class_path": "x", "init_args": {"preset": NANO, "loss": loss}}})
+    assert found is not None and found.option == "model.init_args.loss.init_args.tau_schedule"
+    try:
+        PretrainModule(preset=NANO, target_momentum=1.5)
+    except ValueError as err:
+        found = config_error(err, {"model": {"class_path": "x", "init_args": {"preset": NANO, "target_momentum": 1}}})
+    assert found is not None and found.option == "model.init_args.target_momentum"
     assert config_error(ValueError("outside any module"), {"model": {}}) is None
 
 

@@ -53,17 +53,20 @@ def test_paper_rows_keep_the_paper_recipe(name):
         assert cfg["trainer"]["precision"] == "bf16-mixed"
     else:
         assert cfg["trainer"]["precision"] == "16-mixed"
+    loss = args["loss"]["init_args"]
     if objective == "diffusion":
+        assert args["loss"]["class_path"] == "epg.method.objectives.DiffusionLoss"
         assert (args["betas"], args["weight_decay"], args["grad_clip"]) == ([0.9, 0.999], 0.01, 0.5)
-        assert (args["p_mean"], args["p_std"], args["sigma_grid"]) == (-1.2, 1.6, 1280)
-        assert (args["loss_weighting"], data["label_drop"]) == ("inverse_spacing", 0.1)
+        assert (loss["p_mean"], loss["p_std"], loss["sigma_grid"]) == (-1.2, 1.6, 1280)
+        assert (loss["weighting"], data["label_drop"]) == ("inverse_spacing", 0.1)
     else:
+        assert args["loss"]["class_path"] == "epg.method.objectives.ConsistencyLoss"
         assert (args["betas"], args["weight_decay"], args["grad_clip"]) == ([0.9, 0.99], 0.03, 0)
-        assert (args["p_mean"], args["network"]["drop"], data["label_drop"]) == (-0.4, 0.5, 0.0)
+        assert (loss["p_mean"], args["network"]["drop"], data["label_drop"]) == (-0.4, 0.5, 0.0)
         assert (args["lr_milestones"], args["lr_factors"]) == ([400_000, 500_000], [0.3, 0.08])
-        assert (args["huber_c"], args["aux_weight"], args["aux_tau"]) == (0.06, 1.0, 0.1)
-        assert args.get("ect_weighting", "inverse_gap") == "inverse_gap"  # 1/(t′ − r′), §5.4
-        assert (args["ect_d0"], args["ect_d1"], args["ect_delta"], args["total_steps"]) == (
+        assert (loss["huber_c"], loss["aux_weight"], loss["aux_tau"]) == (0.06, 1.0, 0.1)
+        assert loss.get("weighting", "inverse_gap") == "inverse_gap"  # 1/(t′ − r′), §5.4
+        assert (loss["ect_d0"], loss["ect_d1"], loss["ect_delta"], args["total_steps"]) == (
             100_000, 100_000, 1, 700_000)  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from epg.lightning.finetune import FinetuneModule
 from epg.method.normalization import normalize
+from epg.method.objectives import ConsistencyLoss
 from tests.test_finetune_module import NANO, write_stage1
 from tests.test_finetune_trainer import trainer
 
@@ -41,8 +42,7 @@ def test_short_finetune_lowers_the_loss(tmp_path, objective):
         warmup_steps=10,
         total_steps=1000,
         ema_rates=(0.9,),
-        ect_d0=40,
-        ect_d1=40,
+        loss=ConsistencyLoss(ect_d0=40, ect_d1=40) if objective == "consistency" else None,
         val_sigmas=(0.1, 0.5, 2.0),
         sample_every_n_val=0,
     )

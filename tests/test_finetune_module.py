@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from epg.lightning import finetune
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
 from epg.method.noise import edm_coefficients
+from epg.method.objectives import ConsistencyLoss
 from epg.nn.official import CheckpointMismatchError
 
 NANO = "EPG-Nano/4"
@@ -107,9 +107,9 @@ def test_bad_options_are_rejected(stage1):
 
 def test_objective_defaults_and_optimizer_groups(stage1):
     dm, cm = make(stage1[0]), make(stage1[0], "consistency")
-    assert (dm.betas, dm.weight_decay, dm.grad_clip, dm.p_mean, dm.lr_schedule) == (
+    assert (dm.betas, dm.weight_decay, dm.grad_clip, dm.loss.p_mean, dm.lr_schedule) == (
         (0.9, 0.999), 0.01, 0.5, -1.2, "cosine")  # fmt: skip
-    assert (cm.betas, cm.weight_decay, cm.grad_clip, cm.p_mean, cm.lr_schedule) == (
+    assert (cm.betas, cm.weight_decay, cm.grad_clip, cm.loss.p_mean, cm.lr_schedule) == (
         (0.9, 0.99), 0.03, None, -0.4, "steps")  # fmt: skip
     opt = dm.configure_optimizers()["optimizer"]
     names = {id(p): n for n, p in dm.net.named_parameters()}
@@ -171,14 +171,14 @@ def test_train_mode_keeps_ema_and_aux_in_eval(stage1):
 
 
 def test_ect_stage_follows_applied_updates(stage1, monkeypatch):
-    m = make(stage1[0], "consistency", ect_d0=4, ect_d1=4)
+    m = make(stage1[0], "consistency", loss=ConsistencyLoss(ect_d0=4, ect_d1=4))
     seen = []
 
-    def fake_loss(*args, stage, **kwargs):
+    def fake_loss(self, denoiser, target, aux_net, x0, y, stage, **kwargs):
         seen.append(stage)
         return _Terms(torch.zeros((), requires_grad=True))
 
-    monkeypatch.setattr(finetune, "consistency_loss", fake_loss)
+    monkeypatch.setattr(ConsistencyLoss, "__call__", fake_loss)
     monkeypatch.setattr(m, "log", lambda *a, **k: None)
     batch = (torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
     for updates in (0, 3, 4, 7, 8, 13):

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from epg.checkpoint import load_denoiser
 from epg.lightning.finetune import FinetuneModule
+from epg.method.objectives import ConsistencyLoss
 from tests.test_finetune_module import NANO, write_stage1
 
 
@@ -46,8 +47,7 @@ def module(stage1: str, objective: str, **kwargs) -> FinetuneModule:
         warmup_steps=1,
         total_steps=50,
         ema_rates=(0.5, 0.9),
-        ect_d0=2,
-        ect_d1=2,
+        loss=ConsistencyLoss(ect_d0=2, ect_d1=2) if objective == "consistency" else None,
         **kwargs,
     )
 

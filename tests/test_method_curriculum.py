@@ -1,4 +1,4 @@
-"""Stage-1 N(k) table, DM σ draw and weights, ECT (t, r) stages (METHOD.md §3.2–§3.3, §4, §5.3)."""
+"""Stage-1 N(k) table, DM σ draw, ECT (t, r) stages (METHOD.md §3.2–§3.3, §4, §5.3)."""
 
 import math
 
@@ -8,7 +8,6 @@ import torch
 from epg.method.curriculum import (
     cosine_tau_max,
     curriculum_period,
-    dm_loss_weight,
     dm_sigma_index,
     ect_sample_tr,
     ect_stage,
@@ -17,10 +16,17 @@ from epg.method.curriculum import (
     pair_sigmas,
 )
 from epg.method.noise import karras_grid
+from epg.method.objectives import ConsistencyLoss, DiffusionLoss, RCMLoss
+
+# The paper's values, held by the loss objects (METHOD.md §3.2, §4, §5.3); K = 600K is the stage-1 run's length.
+RCM, DM, CM = RCMLoss(), DiffusionLoss(), ConsistencyLoss()
+PAPER_K, N0, N1 = 600_000, RCM.curriculum_n0, RCM.curriculum_n1
+PAPER_TR = dict(p_mean=CM.p_mean, p_std=CM.p_std, q=CM.ect_q, kappa=CM.ect_kappa, b=CM.ect_b)
+PAPER_SIGMA = dict(p_mean=DM.p_mean, p_std=DM.p_std, n=DM.sigma_grid)
 
 
 def test_curriculum_period_default():
-    assert curriculum_period() == 99_629
+    assert curriculum_period(PAPER_K, N0, N1) == 99_629
 
 
 @pytest.mark.parametrize(
@@ -41,7 +47,7 @@ def test_curriculum_period_default():
     ],
 )
 def test_num_scales_table(step, n):
-    assert num_scales(step) == n
+    assert num_scales(step, PAPER_K, N0, N1) == n
 
 
 def test_pair_sigmas_shifted_and_adjacent():
@@ -64,20 +70,9 @@ def test_tau_schedules():
     assert cosine_tau_max(250, 300, 0.4, 0.2) == 0.2
 
 
-def test_dm_weights_hand_values():
-    grid = karras_grid(1280)
-    i1 = int((grid - 1.0).abs().argmin())
-    w = dm_loss_weight(torch.tensor([0, i1, 1279]))
-    assert w[0].item() == pytest.approx(1 / (grid[0] - grid[1]).item())
-    assert w[0].item() == pytest.approx(2.9, abs=0.05)  # σ = 80
-    assert w[1].item() == pytest.approx(126, rel=0.01)  # σ ≈ 1
-    assert w[2].item() == pytest.approx(1 / (0.002 - 0.00196), rel=0.05)  # ≈ 2.6e4
-    assert 2.4e4 < w[2].item() < 2.8e4
-
-
 def test_dm_sigma_index_is_nearest_in_sigma():
     g = torch.Generator().manual_seed(0)
-    idx = dm_sigma_index(20_000, generator=g)
+    idx = dm_sigma_index(20_000, **PAPER_SIGMA, generator=g)
     assert idx.min() >= 0 and idx.max() <= 1279
     grid = karras_grid(1280)
     sig = grid[idx]
@@ -86,27 +81,28 @@ def test_dm_sigma_index_is_nearest_in_sigma():
     # Nearest by |Δσ|: re-draw a single known value.
     g2 = torch.Generator().manual_seed(1)
     ln = torch.randn(1, generator=g2, dtype=torch.float64) * 1.6 - 1.2
-    i = dm_sigma_index(1, generator=torch.Generator().manual_seed(1))
+    i = dm_sigma_index(1, **PAPER_SIGMA, generator=torch.Generator().manual_seed(1))
     assert i.item() == int((grid - ln.exp()).abs().argmin())
 
 
 def test_ect_stage_over_steps():
-    assert [ect_stage(k) for k in (0, 99_999, 100_000, 199_999, 200_000, 650_000)] == [1, 1, 2, 2, 3, 7]
+    stage = [ect_stage(k, CM.ect_d0, CM.ect_d1, CM.ect_delta) for k in (0, 99_999, 100_000, 199_999, 200_000, 650_000)]
+    assert stage == [1, 1, 2, 2, 3, 7]
 
 
 def test_ect_tr_stage_properties():
     g = torch.Generator().manual_seed(0)
-    t, r = ect_sample_tr(50_000, stage=1, generator=g)
+    t, r = ect_sample_tr(50_000, stage=1, **PAPER_TR, generator=g)
     assert torch.all(t >= 0.002) and torch.all(r >= 0.002) and torch.all(r <= t)
     # At a = 1, r = σ_min unless t > ln 7 (METHOD.md §5.3).
     assert torch.all(r[t < math.log(7) - 1e-6] == 0.002)
     assert torch.all(r[t > 2.2] > 0.002)  # t·(1 − ½(1 + 8·sig(−t))) exceeds σ_min well above ln 7
-    t, r = ect_sample_tr(50_000, stage=2, generator=g)
+    t, r = ect_sample_tr(50_000, stage=2, **PAPER_TR, generator=g)
     assert torch.all(r[t < math.log(5 / 3) - 1e-6] == 0.002)
     for a in (3, 5):
-        t, r = ect_sample_tr(50_000, stage=a, generator=g)
+        t, r = ect_sample_tr(50_000, stage=a, **PAPER_TR, generator=g)
         big = r > 0.002
         assert torch.all(r[big] / t[big] >= 1 - 5 * 2.0**-a - 1e-12)
     # No upper clamp on t: about 0.14% of draws exceed σ_max.
-    t, _ = ect_sample_tr(400_000, stage=1, generator=g)
+    t, _ = ect_sample_tr(400_000, stage=1, **PAPER_TR, generator=g)
     assert 0.0008 < (t > 80).double().mean().item() < 0.002

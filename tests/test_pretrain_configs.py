@@ -48,8 +48,10 @@ def test_paper_rows_keep_the_paper_recipe(name):
     assert (args["preset"], get_config(args["preset"]).image_size) == PAPER[name]
     assert (args["lr"], args["weight_decay"], args["betas"]) == (6e-4, 0.03, [0.9, 0.95])
     assert (args["warmup_steps"], args["total_steps"], args["target_momentum"]) == (10_000, 600_000, 0.99)
-    assert (args["tau_contrastive"], args["tau_consistency"], args["tau_schedule"]) == (0.2, 0.1, "constant")
-    assert (args["curriculum_n0"], args["curriculum_n1"], args["target_bn_train_mode"]) == (20, 1280, False)
+    loss = args["loss"]["init_args"]
+    assert args["loss"]["class_path"] == "epg.method.objectives.RCMLoss"
+    assert (loss["tau_contrastive"], loss["tau_consistency"], loss["tau_schedule"]) == (0.2, 0.1, "constant")
+    assert (loss["curriculum_n0"], loss["curriculum_n1"], args["target_bn_train_mode"]) == (20, 1280, False)
     assert (data["global_batch_size"], data["normalization"]) == (1024, "imagenet")
     assert (trainer["devices"], trainer["strategy"], trainer["sync_batchnorm"]) == (8, "ddp", True)
     assert trainer["precision"] == "bf16-mixed"

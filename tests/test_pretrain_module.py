@@ -10,6 +10,7 @@ from epg.checkpoint import load_stage1_representation
 from epg.lightning.pretrain import PretrainModule
 from epg.method.curriculum import pair_sigmas
 from epg.method.noise import SIGMA_MAX, SIGMA_MIN, c_in, c_noise, karras_grid
+from epg.method.objectives import RCMLoss
 
 
 def nano(**kwargs) -> PretrainModule:
@@ -24,7 +25,7 @@ def test_curriculum_follows_the_paper_table():
 
 
 def test_pair_draw_over_steps():
-    module = nano(total_steps=60, curriculum_n0=2, curriculum_n1=16)
+    module = nano(total_steps=60, loss=RCMLoss(curriculum_n0=2, curriculum_n1=16))
     shift = 16 / 64
     previous = 0
     for step in range(61):
@@ -60,15 +61,15 @@ def test_noise_is_seeded_by_batch():
 
 def test_tau_schedules():
     assert nano().consistency_tau(3.0, 0) == 0.1
-    interp = nano(tau_schedule="interpolated", tau_min=0.1, tau_max=0.5)
+    interp = nano(loss=RCMLoss(tau_schedule="interpolated", tau_min=0.1, tau_max=0.5))
     assert interp.consistency_tau(SIGMA_MIN, 0) == pytest.approx(0.1)
     assert interp.consistency_tau(SIGMA_MAX, 0) == pytest.approx(0.5)
-    cosine = nano(tau_schedule="cosine", tau_min=0.1, tau_start=0.4, tau_end=0.2, total_steps=300)
+    cosine = nano(loss=RCMLoss(tau_schedule="cosine", tau_min=0.1, tau_start=0.4, tau_end=0.2), total_steps=300)
     assert cosine.consistency_tau(SIGMA_MAX, 0) == pytest.approx(0.4)
     assert cosine.consistency_tau(SIGMA_MAX, 200) == pytest.approx(0.2)
     assert cosine.consistency_tau(SIGMA_MAX, 300) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="tau_schedule"):
-        nano(tau_schedule="linear")
+        nano(loss=RCMLoss(tau_schedule="linear"))
 
 
 def test_lr_schedule_and_optimizer():
@@ -127,7 +128,7 @@ def test_loss_gradients_reach_only_the_online_network():
 def test_both_terms_on_a_hand_example():
     """Channel-constant images, features = channel means, identity projectors: every logit is known by hand."""
     module = nano()
-    module._represent = lambda net, x, sigma: x.mean(dim=(2, 3))
+    module.loss.represent = lambda net, x, sigma: x.mean(dim=(2, 3))
     module.online.projection_head = torch.nn.Identity()
     module.online.projection_head.track_statistics = lambda h: None  # no BN statistics to update
     module.target.projection_head = torch.nn.Identity()

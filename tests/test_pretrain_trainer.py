@@ -17,11 +17,14 @@ from epg.lightning.faults import NonFiniteLossError
 from epg.lightning.pretrain import PretrainModule
 from epg.method.curriculum import pair_sigmas
 from epg.method.noise import c_in, c_noise
+from epg.method.objectives import RCMLoss
 from tests._pretrain_utils import TinyStage1Data
 from tests._trainers import cpu_trainer
 
 # K = 8 with N0 = 2, N1 = 16: K' = 3, so N(k) = 3, 5, 5, 5, 9, 9, 9, 17 over the first 8 updates.
-SMALL = dict(preset="EPG-Nano/4", total_steps=8, warmup_steps=2, curriculum_n0=2, curriculum_n1=16, lr=1e-3)
+SMALL = dict(
+    preset="EPG-Nano/4", total_steps=8, warmup_steps=2, loss=RCMLoss(curriculum_n0=2, curriculum_n1=16), lr=1e-3
+)
 
 
 class Recorder(L.Callback):

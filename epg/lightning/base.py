@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import contextvars
+import copy
+import os
+from collections.abc import Callable, Iterable, Iterator
 
 import lightning as L
 import torch
@@ -22,6 +26,67 @@ PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "back
 def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch Generator whose seed is a hash of the integers ``key`` (e.g. seed, step, stream, rank)."""
     return torch.Generator(device=device).manual_seed(seed_from(*key))
+
+
+SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # unshifted σ edges of the per-bucket DM loss logs
+_RESTORING = contextvars.ContextVar("epg_restoring_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def restoring_checkpoint() -> Iterator[None]:
+    """FinetuneModules built inside read nothing from ``init_from``: the checkpoint loaded next holds the encoder and
+    the CM's frozen stage-1 network, so resuming never needs that file. ``network`` must then be the checkpoint's
+    (with the encoder fields it took from the stage-1 file), as EPGCLI and ``load_from_checkpoint`` pass it."""
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+def is_restoring() -> bool:
+    """True inside :func:`restoring_checkpoint`."""
+    return _RESTORING.get()
+
+
+def frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
+    """A gradient-free deep copy of ``net`` in train or eval mode."""
+    clone = copy.deepcopy(net)
+    clone.requires_grad_(False)
+    return clone.train(train)
+
+
+def log_sigma_buckets(module: L.LightningModule, sigma: torch.Tensor, weighted: torch.Tensor) -> None:
+    """Log the mean weighted DM loss per unshifted-σ bucket of :data:`SIGMA_BUCKETS` (rank-local, only the buckets
+    present) as ``train/loss_sigma_<bucket>``."""
+    edges = torch.tensor(SIGMA_BUCKETS, device=sigma.device, dtype=sigma.dtype)
+    bucket = torch.bucketize(sigma, edges)
+    names = [f"lt{SIGMA_BUCKETS[0]:g}"]
+    names += [f"{lo:g}-{hi:g}" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:], strict=True)]
+    names += [f"ge{SIGMA_BUCKETS[-1]:g}"]
+    for i in bucket.unique().tolist():
+        mask = bucket == i
+        count = int(mask.sum())
+        module.log(
+            f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
+        )
+
+
+def write_stage1_file(path: str | os.PathLike, hparams: dict, state: dict, updates: int) -> None:
+    """Write a stage-1 hand-over file: hyper-parameters and the ``online.*`` weights of ``state`` (METHOD.md §3.9),
+    in the Lightning layout that :func:`epg.checkpoint.load_stage1_representation` reads (atomically)."""
+    import lightning
+
+    payload = {
+        "pytorch-lightning_version": lightning.__version__,  # marks the Lightning layout for the loader
+        "hyper_parameters": hparams,
+        "state_dict": {k: v.detach().cpu() for k, v in state.items() if k.startswith("online.")},
+        "epg_updates": updates,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:

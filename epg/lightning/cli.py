@@ -34,8 +34,10 @@ from epg.lightning.faults import AtomicCheckpointIO, ConfigError, LoggerVersions
 from epg.lightning.finetune import FinetuneModule, restoring_checkpoint
 from epg.lightning.predict import SampleWriter
 from epg.lightning.pretrain import PretrainModule
+from epg.method.objectives import LEGACY_KEYS, Objective, legacy_key_message, loss_kind, loss_spec, migrate_hparams
 from epg.nn.official import CheckpointMismatchError
 from epg.nn.presets import ENCODER_FIELDS, NetworkOptions, get_config, with_stage1_encoder
+from epg.sampling.options import FINETUNE_LEGACY_KEYS, DeprecatedSamplingKey, fold_legacy, legacy_values
 
 # Exception types that, raised while building the model/data/trainer from a config, mean a bad config value.
 CONFIG_EXCEPTIONS = (ValueError, TypeError, KeyError, FileNotFoundError, CheckpointMismatchError)
@@ -147,8 +149,15 @@ class EPGCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        refuse_link_targets(sys.argv[1:] if args is None else args)
-        super().parse_arguments(parser, args)
+        given = sys.argv[1:] if args is None else args
+        refuse_link_targets(given)
+        refuse_legacy_loss_keys(given)
+        moved = move_legacy_loss_flags(given)
+        if moved is not given:
+            args = moved
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            super().parse_arguments(parser, args)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -458,8 +467,12 @@ def hparam_changes(
     if ("objective" in model) != ("objective" in saved):
         stage = {True: "stage 2 (FinetuneModule)", False: "stage 1 (PretrainModule)"}
         return [Change("model.class_path", stage["objective" in saved], stage["objective" in model], fixed=True)]
-    changes = []
-    for key in sorted(set(model) & set(saved) - RESUME_FREE["model"] - {"network"}):
+    saved = migrate_hparams(saved)  # a checkpoint of the flat loss keys: compared as its loss object
+    changes = _loss_changes(model, saved) if "loss" in model and "loss" in saved else []
+    sampling_keys = {"sampling", *FINETUNE_LEGACY_KEYS}
+    if "objective" in saved:
+        changes += _sampling_changes(model, saved)
+    for key in sorted(set(model) & set(saved) - RESUME_FREE["model"] - {"network", "loss"} - sampling_keys):
         old, new = _norm(saved[key]), _norm(model[key])
         if key == "ema_rates" and len(old or []) != len(new or []):
             changes.append(Change(f"model.init_args.{key}", old, new, fixed=True))
@@ -472,6 +485,39 @@ def hparam_changes(
         if old != new:
             changes.append(Change(f"data.{key}", old, new, fixed=key in ARCHITECTURE["data"]))
     return changes
+
+
+def _loss_changes(model: Mapping, saved: Mapping) -> list[Change]:
+    """How the config's loss object differs from the checkpoint's: its class, or each init arg that differs."""
+    kind = loss_kind(saved)
+    try:
+        old, new = loss_spec(_plain(saved["loss"]), kind), loss_spec(_plain(model["loss"]), kind)
+    except (ValueError, TypeError, ImportError, AttributeError):
+        return []  # the module's constructor names the bad value
+    if old["class_path"] != new["class_path"]:
+        return [Change("model.init_args.loss.class_path", old["class_path"], new["class_path"])]
+    args = "model.init_args.loss.init_args"
+    old_args, new_args = _norm(old["init_args"]), _norm(new["init_args"])
+    return [Change(f"{args}.{k}", old_args[k], new_args[k]) for k in sorted(old_args) if old_args[k] != new_args[k]]
+
+
+def _sampling_changes(model: Mapping, saved: Mapping) -> list[Change]:
+    """How the config's grid sampling options differ from the checkpoint's, each side with its deprecated flat keys
+    (``sample_steps``, …; the only form in checkpoints of older versions) folded in: compared field by field."""
+
+    def options(values: Mapping) -> dict | None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecatedSamplingKey)
+            try:
+                legacy = legacy_values(FINETUNE_LEGACY_KEYS, values)
+                return fold_legacy(_plain(values.get("sampling")), legacy, "resume").as_dict()
+            except (ValueError, TypeError):
+                return None  # the module's constructor names the bad value
+
+    old, new = options(saved), options(model)
+    if old is None or new is None:
+        return []
+    return [Change(f"model.init_args.sampling.{k}", old[k], new[k]) for k in sorted(old) if old[k] != new[k]]
 
 
 def _network_changes(preset: str, old: dict, new: dict) -> list[Change]:
@@ -516,6 +562,60 @@ def refuse_link_targets(args: Any) -> None:
             raise ConfigError(
                 target, f"follows {source} (they must agree), so set {source} instead (given in {given[0]})"
             )
+
+
+_LEGACY_FLAGS = {key: new for table in LEGACY_KEYS.values() for key, new in table.items()}
+
+
+def _option(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("-")
+
+
+def move_legacy_loss_flags(args: Any) -> Any:
+    """``args`` with the flat loss options of older versions (``--model.init_args.ect_d0 N``, ...) moved to the loss
+    object's (``--model.init_args.loss.init_args.ect_d0 N``), with a deprecation warning; ``args`` itself if none."""
+    if not isinstance(args, list | tuple):
+        return args
+    moved, old = [], []
+    for arg in map(str, args):
+        name = _option(arg)
+        key = name.removeprefix("model.init_args.").removeprefix("model.")
+        if arg.startswith("--") and key != name and key in _LEGACY_FLAGS:
+            old.append(name)
+            arg = f"--model.init_args.loss.init_args.{_LEGACY_FLAGS[key]}" + arg[len(name) + 2 :]
+        moved.append(arg)
+    if not old:
+        return args
+    rank_zero_warn(
+        f"{', '.join(old)}: deprecated, the loss settings moved into the loss object; passed on as "
+        + ", ".join(f"model.init_args.loss.init_args.{_LEGACY_FLAGS[_option(o).split('.')[-1]]}" for o in old)
+    )
+    return moved
+
+
+def refuse_legacy_loss_keys(args: Any) -> None:
+    """A :class:`ConfigError` naming the new option when a config file that ``args`` name sets a flat loss key of
+    older versions under ``model.init_args`` (e.g. ``p_mean``: now ``model.init_args.loss.init_args.p_mean``)."""
+    if not isinstance(args, list | tuple):
+        return
+    args = [str(a) for a in args]
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in files:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+            model = loaded.get("model") if isinstance(loaded, Mapping) else None
+            if not isinstance(model, Mapping):
+                continue
+            init = model.get("init_args") if isinstance(model.get("init_args"), Mapping) else model
+            kind = "rcm" if str(model.get("class_path", "")).endswith("PretrainModule") else "finetune"
+            for key in init:
+                message = legacy_key_message(key, kind) or legacy_key_message(
+                    key, "finetune" if kind == "rcm" else "rcm"
+                )
+                if message:
+                    raise ConfigError(f"model.init_args.{key}", f"{message} (in {path})")
 
 
 def check_devices(trainer: Namespace) -> None:
@@ -636,7 +736,15 @@ def config_error(
     if isinstance(root, CheckpointMismatchError) and "init_from" in args:
         return ConfigError(f"{prefix}.init_from", str(root))
     message = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
-    hits = [(m.start(), key) for key in args if (m := re.search(rf"(?<![\w.]){re.escape(key)}\b", message))]
+    keys = list(args)
+    loss = args.get("loss") if isinstance(args, Mapping) else None
+    if isinstance(loss, Mapping) and isinstance(loss.get("init_args"), Mapping):  # the loss object's own options
+        keys = [f"loss.init_args.{key}" for key in loss["init_args"]] + keys
+    hits = [
+        (m.start(), key)
+        for key in keys
+        if (m := re.search(rf"(?<![\w.]){re.escape(key.rpartition('.')[2])}\b", message))
+    ]
     return ConfigError(f"{prefix}.{min(hits)[1]}" if hits else prefix, message)
 
 
@@ -646,7 +754,7 @@ def _raising_section(err: BaseException, where: str) -> str | None:
         owner = frame.f_locals.get("self")
         if where and frame.f_code.co_name != where:
             continue
-        if isinstance(owner, L.LightningModule):
+        if isinstance(owner, L.LightningModule | Objective):
             return "model"
         if isinstance(owner, L.LightningDataModule):
             return "data"

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import copy
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -13,14 +9,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from epg.checkpoint import OBJECTIVE_SAMPLERS, load_stage1_representation
-from epg.lightning.base import EPGModule, param_groups, seeded_generator
+from epg.lightning.base import (
+    EPGModule,
+    frozen_copy,
+    is_restoring,
+    log_sigma_buckets,
+    param_groups,
+    restoring_checkpoint,
+    seeded_generator,
+)
 from epg.lightning.faults import nonfinite_span
-from epg.lightning.objectives import CM_WEIGHTINGS, LOSS_WEIGHTINGS, consistency_loss, denoising_mse, diffusion_loss
-from epg.method.curriculum import ect_stage
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine, warmup_steps_schedule
 from epg.method.normalization import NORMALIZATIONS
+from epg.method.objectives import OBJECTIVE_LOSSES, FinetuneLoss, denoising_mse, legacy_loss
 from epg.nn.network import EPGNetwork, EPGRepresentation, build_network, build_representation
 from epg.nn.official import CheckpointMismatchError, load_into
 from epg.nn.presets import NetworkOptions, network_overrides, with_stage1_encoder
@@ -34,37 +37,18 @@ if TYPE_CHECKING:
 OBJECTIVES = ("diffusion", "consistency")
 LR_SCHEDULES = ("cosine", "steps")
 NO_DECAY = ("pos_embed", "cls_token")  # METHOD.md §4, §5.5
-SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # unshifted σ edges of the per-bucket DM loss logs
 # Submodules not checkpointed: the CM target is rebuilt as a copy of the online network on loading.
 UNSAVED = ("target_net.",)
-_RESTORING = contextvars.ContextVar("epg_restoring_checkpoint", default=False)
-
-
-@contextlib.contextmanager
-def restoring_checkpoint() -> Iterator[None]:
-    """FinetuneModules built inside read nothing from ``init_from``: the checkpoint loaded next holds the encoder and
-    the CM's frozen stage-1 network, so resuming never needs that file. ``network`` must then be the checkpoint's
-    (with the encoder fields it took from the stage-1 file), as EPGCLI and :meth:`load_from_checkpoint` pass it."""
-    token = _RESTORING.set(True)
-    try:
-        yield
-    finally:
-        _RESTORING.reset(token)
-
-
-def _frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
-    """A gradient-free deep copy of ``net`` in train or eval mode."""
-    clone = copy.deepcopy(net)
-    clone.requires_grad_(False)
-    return clone.train(train)
 
 
 class FinetuneModule(EPGModule):
     """Fine-tune a stage-1 encoder plus a fresh decoder as a DM (x0, §4) or an ECT consistency model (edm, §5).
 
-    Per-objective defaults (None picks them) follow the paper: DM betas (0.9, 0.999), weight decay 0.01, P_mean −1.2,
-    warmup + cosine LR, grad clip 0.5 after warmup; CM betas (0.9, 0.99), weight decay 0.03, P_mean −0.4, warmup +
-    LR steps (×0.3 after update 400K, ×0.08 after 500K), no clipping. ``grad_clip=0`` turns clipping off.
+    The loss, with its noise draws, weights and ECT schedule, is ``loss`` (:mod:`epg.method.objectives`); this
+    module holds the networks, the optimizer and LR schedule, the EMA copies, the seeds, logging and checkpoints.
+    Per-objective optimizer defaults (None picks them) follow the paper: DM betas (0.9, 0.999), weight decay 0.01,
+    warmup + cosine LR, grad clip 0.5 after warmup; CM betas (0.9, 0.99), weight decay 0.03, warmup + LR steps (×0.3
+    after update 400K, ×0.08 after 500K), no clipping. ``grad_clip=0`` turns clipping off.
 
     Checkpoints hold the online network (``net.``), one EMA copy per rate (``ema_nets.<i>.``), the CM's frozen
     stage-1 network (``aux_net.``), the applied-update count and everything Lightning keeps (optimizer, scaler,
@@ -76,6 +60,9 @@ class FinetuneModule(EPGModule):
             The encoder's shape (image and patch size, width, depth, heads; the decoder depth follows) comes from
             ``init_from`` unless ``network`` sets it; the hyper-parameter ``network`` records what was taken.
         objective: "diffusion" (METHOD.md §4) or "consistency" (§5).
+        loss: the objective's loss, e.g. ``{class_path: epg.method.objectives.ConsistencyLoss, init_args: {...}}``
+            in a config (default: the objective's :class:`~epg.method.objectives.DiffusionLoss` or
+            :class:`~epg.method.objectives.ConsistencyLoss` with the paper's values); it must fit ``objective``.
         init_from: stage-1 checkpoint (PretrainModule .ckpt or official RCM file) whose online encoder initialises
             ours (§2.3); None trains from scratch (an ablation, §9.6; the CM needs it for its auxiliary loss).
         init_preset: preset of an official RCM file (default: ``preset``).
@@ -85,12 +72,6 @@ class FinetuneModule(EPGModule):
             Under EPGCLI ``total_steps`` is also the run's length (``trainer.max_steps`` defaults to it).
         grad_clip: global-norm clip applied once ``warmup_steps`` updates are done.
         ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
-        p_mean, p_std: log-normal noise draw, unshifted (DM σ, §4; CM t, §5.3).
-        sigma_grid: DM Karras grid size (§4 step 2). loss_weighting: DM weight, see ``objectives.diffusion_weight``.
-        ect_d0, ect_d1, ect_delta, ect_q, ect_kappa, ect_b: ECT stage and (t, r) parameters (§5.3).
-        huber_c, aux_weight, aux_tau: CM pseudo-Huber c, auxiliary InfoNCE weight and temperature (§5.4).
-        ect_weighting: CM weight, "inverse_gap" (the paper's 1/(t′ − r′), §5.4) or "inverse_gap_scaled" (for short
-            runs), see ``objectives.consistency_loss``.
         normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
             draw independently (METHOD.md §4), and a resumed run continues with the draws it would have made.
@@ -108,6 +89,8 @@ class FinetuneModule(EPGModule):
             before ``sampling`` carry them).
         compile: ``torch.compile`` the online network (and the CM target) in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
+        **legacy: the flat loss keys of older configs and checkpoints (``p_mean``, ``ect_d0``, ``huber_c``,
+            ``loss_weighting``, ...), moved into ``loss`` with a deprecation warning.
     """
 
     def __init__(
@@ -115,6 +98,7 @@ class FinetuneModule(EPGModule):
         preset: str = "EPG-XL/16",
         network: NetworkOptions | dict | None = None,
         objective: Literal["diffusion", "consistency"] = "diffusion",
+        loss: FinetuneLoss | None = None,
         init_from: str | None = None,
         init_preset: str | None = None,
         lr: float = 1e-4,
@@ -127,20 +111,6 @@ class FinetuneModule(EPGModule):
         lr_factors: tuple[float, ...] = (0.3, 0.08),
         grad_clip: float | None = None,
         ema_rates: tuple[float, ...] = (0.9999,),
-        p_mean: float | None = None,
-        p_std: float = 1.6,
-        sigma_grid: int = 1280,
-        loss_weighting: Literal["inverse_spacing", "edm", "uniform"] = "inverse_spacing",
-        ect_d0: int = 100_000,
-        ect_d1: int = 100_000,
-        ect_delta: int = 1,
-        ect_q: float = 2.0,
-        ect_kappa: float = 8.0,
-        ect_b: float = 1.0,
-        huber_c: float = 0.06,
-        ect_weighting: Literal["inverse_gap", "inverse_gap_scaled"] = "inverse_gap",
-        aux_weight: float = 1.0,
-        aux_tau: float = 0.1,
         normalization: Literal["imagenet", "simple"] = "imagenet",
         seed: int = 1234,
         paper_grad_scaler: bool = True,
@@ -157,20 +127,27 @@ class FinetuneModule(EPGModule):
         sample_guidance_interval: tuple[float, float] | str | None = GUIDANCE_INTERVAL,
         compile: bool = False,
         optimizer_impl: Literal["fused", "foreach"] = "fused",
+        **legacy: Any,
     ) -> None:
         super().__init__()
-        restoring = _RESTORING.get()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.loss = legacy_loss(loss, legacy, objective, FinetuneLoss, OBJECTIVE_LOSSES[objective])
+        if self.loss.objective != objective:
+            raise ValueError(
+                f"loss {type(self.loss).__name__} trains the {self.loss.objective} objective, but objective is "
+                f"{objective!r}: set objective: {self.loss.objective} or a {OBJECTIVE_LOSSES[objective].__name__}"
+            )
+        restoring = is_restoring()
         network = network_overrides(network)
         representation = None
         if init_from and not restoring:
             representation = load_stage1_representation(init_from, preset=init_preset or preset)
             network = with_stage1_encoder(preset, network, representation.config)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["loss", "legacy", *legacy])
         self.hparams.network = network or None  # plain EPGConfig overrides (LightningCLI saves its parsed value)
+        self.hparams.loss = self.loss.spec()  # plain class_path + init_args (LightningCLI saves its parsed value)
         for name, value, choices in (
-            ("objective", objective, OBJECTIVES),
-            ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
-            ("ect_weighting", ect_weighting, CM_WEIGHTINGS),
             ("normalization", normalization, NORMALIZATIONS),
             ("lr_schedule", lr_schedule, (*LR_SCHEDULES, None)),
         ):
@@ -180,12 +157,11 @@ class FinetuneModule(EPGModule):
             raise ValueError(f"lr_milestones {lr_milestones} and lr_factors {lr_factors} must have the same length")
         cm = objective == "consistency"
         self.objective = objective
-        self.parameterization = "edm" if cm else "x0"  # METHOD.md §1.5
+        self.parameterization = self.loss.parameterization  # METHOD.md §1.5
         self.betas = tuple(betas) if betas is not None else ((0.9, 0.99) if cm else (0.9, 0.999))
         self.weight_decay = weight_decay if weight_decay is not None else (0.03 if cm else 0.01)
         self.lr_schedule = lr_schedule or ("steps" if cm else "cosine")
         self.grad_clip = (None if cm else 0.5) if grad_clip is None else (grad_clip or None)
-        self.p_mean = p_mean if p_mean is not None else (-0.4 if cm else -1.2)
         # The grid's sampling options, the deprecated flat keys folded in; a bad option fails here, not at a grid.
         self.sampling = fold_legacy(sampling, legacy_values(FINETUNE_LEGACY_KEYS, locals()), "FinetuneModule")
         self.hparams.sampling = self.sampling.as_dict()  # saved as plain fields, without the flat keys
@@ -207,9 +183,9 @@ class FinetuneModule(EPGModule):
                 "(the 'from scratch' ablation of METHOD.md §9.6)"
             )
         # Sampling EMA copies start equal to the online weights after loading (METHOD.md §4).
-        self.ema_nets = nn.ModuleList([_frozen_copy(self.net) for _ in ema_rates])
+        self.ema_nets = nn.ModuleList([frozen_copy(self.net) for _ in ema_rates])
         # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2) and the frozen stage-1 network (§5.4).
-        self.target_net = _frozen_copy(self.net, train=True) if cm else None
+        self.target_net = frozen_copy(self.net, train=True) if cm else None
         self.aux_net = None
         if cm:  # restored from the checkpoint when it was not read from init_from
             aux = representation if representation is not None else build_representation(self.net.config)
@@ -290,48 +266,21 @@ class FinetuneModule(EPGModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         y = y if self.net.class_embed is not None else None
-        hp, generator = self.hparams, self.noise_generator(x.device, self._micro_batch(batch_idx))
+        generator = self.noise_generator(x.device, self._micro_batch(batch_idx))
         log = dict(on_step=True, on_epoch=False, batch_size=x.shape[0])
         denoiser = self.denoiser()
         if self.objective == "diffusion":
-            terms = diffusion_loss(
-                denoiser,
-                x,
-                y,
-                p_mean=self.p_mean,
-                p_std=hp.p_std,
-                n_grid=hp.sigma_grid,
-                weighting=hp.loss_weighting,
-                generator=generator,
-            )
+            terms = self.loss(denoiser, x, y, generator=generator)
             if self._trainer is not None:  # the NaN/inf record (also kept under a grad scaler: skip limit)
                 self.watch_loss(terms.loss, *nonfinite_span(terms.weighted, denoiser.shift * terms.sigma))
             if self._logging_step():
-                self._log_sigma_buckets(terms.sigma, terms.weighted.detach())
+                log_sigma_buckets(self, terms.sigma, terms.weighted.detach())
                 self.log("train/x0_mse", terms.mse.mean(), **log)
         else:
-            stage = ect_stage(self.updates, hp.ect_d0, hp.ect_d1, hp.ect_delta)
-            terms = consistency_loss(
-                denoiser,
-                self.denoiser(self.target_net),
-                self.aux_net,
-                x,
-                y,
-                stage=stage,
-                p_mean=self.p_mean,
-                p_std=hp.p_std,
-                q=hp.ect_q,
-                kappa=hp.ect_kappa,
-                b=hp.ect_b,
-                huber_c=hp.huber_c,
-                weighting=hp.ect_weighting,
-                aux_weight=hp.aux_weight,
-                aux_tau=hp.aux_tau,
-                generator=generator,
-            )
+            stage = self.loss.stage(self.updates)
+            terms = self.loss(denoiser, self.denoiser(self.target_net), self.aux_net, x, y, stage, generator=generator)
             if self._trainer is not None:
-                per_sample = terms.consistency + hp.aux_weight * terms.aux
-                self.watch_loss(terms.loss, *nonfinite_span(per_sample, denoiser.shift * terms.t), label="t'")
+                self.watch_loss(terms.loss, *nonfinite_span(terms.per_sample, denoiser.shift * terms.t), label="t'")
             self.log("train/ect_stage", float(stage), **log)
             self.log("train/consistency", terms.consistency.detach().mean(), **log)
             self.log("train/aux", terms.aux.detach().mean(), **log)
@@ -344,20 +293,6 @@ class FinetuneModule(EPGModule):
 
     def _logging_step(self) -> bool:
         return self._trainer is None or self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
-
-    def _log_sigma_buckets(self, sigma: torch.Tensor, weighted: torch.Tensor) -> None:
-        """Mean weighted DM loss per unshifted-σ bucket (rank-local, only the buckets present)."""
-        edges = torch.tensor(SIGMA_BUCKETS, device=sigma.device, dtype=sigma.dtype)
-        bucket = torch.bucketize(sigma, edges)
-        names = [f"lt{SIGMA_BUCKETS[0]:g}"]
-        names += [f"{lo:g}-{hi:g}" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:], strict=True)]
-        names += [f"ge{SIGMA_BUCKETS[-1]:g}"]
-        for i in bucket.unique().tolist():
-            mask = bucket == i
-            count = int(mask.sum())
-            self.log(
-                f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
-            )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)

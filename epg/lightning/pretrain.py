@@ -11,43 +11,46 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from epg.lightning.base import EPGModule, param_groups, seeded_generator
-from epg.lightning.knn import cls_features, encoder_features, eval_loader, gather_rows, knn_accuracy
-from epg.method.curriculum import cosine_tau_max, interpolated_tau, num_scales, pair_sigmas
+from epg.lightning.base import EPGModule, param_groups, seeded_generator, write_stage1_file
+from epg.lightning.knn import (
+    bank_accuracy,
+    cls_features,
+    encoder_features,
+    gather_queries,
+    log_view_grid,
+    training_bank_loader,
+)
+from epg.method.curriculum import pair_sigmas
 from epg.method.ema import ema_update_
-from epg.method.losses import gather_local_first, info_nce
 from epg.method.lr import warmup_cosine
-from epg.method.noise import c_in, c_noise, resolution_shift
-from epg.method.normalization import denormalize
+from epg.method.noise import resolution_shift
+from epg.method.objectives import RCMLoss, legacy_loss
 from epg.nn.network import EPGRepresentation, build_representation
 from epg.nn.presets import NetworkOptions, network_overrides
 
-TAU_SCHEDULES = ("constant", "interpolated", "cosine")
 
-
-# The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, ×2^(1/1000) every step, ×0.5 on inf/NaN.
 class PretrainModule(EPGModule):
     """Online encoder + projector trained by contrastive + representation-consistency InfoNCE (METHOD.md §3).
+
+    The loss, with its temperatures and curriculum, is ``loss`` (:class:`~epg.method.objectives.RCMLoss`); this
+    module holds the networks, the optimizer, the target EMA, the seeds, logging and the k-NN check.
 
     Args:
         preset: architecture (e.g. "RCM-B/16", "RCM-L/16", "RCM-B/32", or a CPU preset such as "EPG-T/4").
         network: EPGConfig fields overriding the preset's, one by one, e.g. ``{"proj_out": 768}`` (METHOD.md §10.1).
+        loss: the stage-1 loss (default: ``RCMLoss()``, the released config's values); in a config
+            ``{class_path: epg.method.objectives.RCMLoss, init_args: {...}}``.
         lr: peak AdamW learning rate; 6e-4 [script], the config's 2e-4 is the alternative (METHOD.md §10.1).
         weight_decay, betas: AdamW, decay on all parameters (METHOD.md §3.7).
         warmup_steps, total_steps: linear warmup then cosine to 0; total_steps is also the curriculum's K and, under
             EPGCLI, the run's length (``trainer.max_steps`` defaults to it).
         target_momentum: EMA momentum of the target network, constant (METHOD.md §3.5).
-        tau_contrastive: τ_c of the contrastive term (METHOD.md §3.6).
-        tau_consistency: τ_r of the consistency term when ``tau_schedule`` is "constant".
-        tau_schedule: "constant" (τ_r), "interpolated" (τ(σ_a) from tau_min to tau_max) or "cosine" (interpolated
-            with τ_max cosine-annealed from tau_start to tau_end) (METHOD.md §3.6; the paper's values are unknown).
-        curriculum_n0, curriculum_n1: N₀ and N₁ of the discretization curriculum (METHOD.md §3.2).
         target_bn_train_mode: run the target in train mode (MoCo-v3 batch statistics) instead of eval (METHOD.md §10.2).
         knn_k, knn_temperature, knn_bank_size: the k-NN check of ``validate`` (:mod:`epg.lightning.knn`): the val
             images are the queries, the memory bank holds about ``knn_bank_size`` training images (a fixed subset of
@@ -61,27 +64,21 @@ class PretrainModule(EPGModule):
             relative path is inside the run folder (``trainer.default_root_dir``).
         compile: ``torch.compile`` the online and target networks in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
+        **legacy: the flat loss keys of older configs and checkpoints (``tau_contrastive``, ``curriculum_n0``, ...),
+            moved into ``loss`` with a deprecation warning.
     """
 
     def __init__(
         self,
         preset: str = "RCM-B/16",
         network: NetworkOptions | dict | None = None,
+        loss: RCMLoss | None = None,
         lr: float = 6e-4,
         weight_decay: float = 0.03,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 10_000,
         total_steps: int = 600_000,
         target_momentum: float = 0.99,
-        tau_contrastive: float = 0.2,
-        tau_consistency: float = 0.1,
-        tau_schedule: Literal["constant", "interpolated", "cosine"] = "constant",
-        tau_min: float = 0.1,
-        tau_max: float = 0.2,
-        tau_start: float = 0.4,
-        tau_end: float = 0.2,
-        curriculum_n0: int = 20,
-        curriculum_n1: int = 1280,
         target_bn_train_mode: bool = False,
         knn_k: int = 20,
         knn_temperature: float = 0.07,
@@ -93,19 +90,18 @@ class PretrainModule(EPGModule):
         export_path: str | None = None,
         compile: bool = False,
         optimizer_impl: Literal["fused", "foreach"] = "fused",
+        **legacy: Any,
     ) -> None:
         super().__init__()
-        if tau_schedule not in TAU_SCHEDULES:
-            raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
+        self.loss = legacy_loss(loss, legacy, "rcm", RCMLoss, RCMLoss)
         if not 0.0 <= target_momentum < 1.0:
             raise ValueError(f"target_momentum must be in [0, 1), got {target_momentum}")
         if total_steps <= 0 or warmup_steps < 0:
             raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps} and {warmup_steps}")
-        if not 0 < curriculum_n0 <= curriculum_n1:
-            raise ValueError(f"need 0 < curriculum_n0 <= curriculum_n1, got {curriculum_n0} and {curriculum_n1}")
         network = network_overrides(network) or None
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["loss", "legacy", *legacy])
         self.hparams.network = network  # plain EPGConfig overrides (LightningCLI saves its parsed value)
+        self.hparams.loss = self.loss.spec()  # plain class_path + init_args (LightningCLI saves its parsed value)
         self.online: EPGRepresentation = build_representation(preset, **(network or {}))
         self.target: EPGRepresentation = copy.deepcopy(self.online).requires_grad_(False)
         self.target.train(target_bn_train_mode)
@@ -133,83 +129,25 @@ class PretrainModule(EPGModule):
 
     def num_scales_at(self, updates: int) -> int:
         """N(k) of the curriculum after ``updates`` applied optimizer updates (METHOD.md §3.2)."""
-        hp = self.hparams
-        return num_scales(updates, hp.total_steps, hp.curriculum_n0, hp.curriculum_n1)
+        return self.loss.num_scales(updates, self.hparams.total_steps)
 
     def draw_pair_index(self, step: int, n_scales: int) -> int:
         """n ~ U{0, …, N−2}, seeded by (seed, step) and broadcast from rank 0 (METHOD.md §3.3)."""
-        index = int(torch.randint(n_scales - 1, (1,), generator=seeded_generator(self.hparams.seed, step, 0)))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            value = torch.tensor([index], device=self.device)  # on the device: NCCL broadcasts CUDA tensors only
-            dist.broadcast(value, src=0)
-            index = int(value.item())
-        return index
+        return self.loss.draw_pair_index(n_scales, seeded_generator(self.hparams.seed, step, 0), self.device)
 
     def noise_like(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """ε ~ N(0, I) shaped like ``x``, seeded by (seed, batch, rank): one draw per sample for all four inputs."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        generator = seeded_generator(self.hparams.seed, batch, 1, rank, device=x.device)
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.loss.noise_like(x, seeded_generator(self.hparams.seed, batch, 1, rank, device=x.device))
 
     def consistency_tau(self, sigma_a: float, updates: int) -> float:
         """τ_r for the unshifted noisier level σ_a after ``updates`` applied updates (METHOD.md §3.6)."""
-        hp = self.hparams
-        if hp.tau_schedule == "constant":
-            return hp.tau_consistency
-        tau_max = hp.tau_max
-        if hp.tau_schedule == "cosine":
-            tau_max = cosine_tau_max(updates, hp.total_steps, hp.tau_start, hp.tau_end)
-        return float(interpolated_tau(sigma_a, hp.tau_min, tau_max))
+        return self.loss.consistency_tau(sigma_a, updates, self.hparams.total_steps)
 
-    # ---- the loss ----
-    @staticmethod
-    def _represent(net: EPGRepresentation, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """h of ``net`` for noisy images ``x`` at per-sample shifted levels ``sigma`` (METHOD.md §1.5, §3.4)."""
-        return net.encoder.representation(x * c_in(sigma).to(x.dtype).view(-1, 1, 1, 1), c_noise(sigma))
-
-    def compute_losses(
-        self,
-        x0: torch.Tensor,
-        v1: torch.Tensor,
-        v2: torch.Tensor,
-        eps: torch.Tensor,
-        sigma_a: float,
-        sigma_b: float,
-        sigma_0: float,
-        tau_r: float,
-    ) -> dict[str, torch.Tensor]:
-        """Batch means of the contrastive and consistency terms and their sum (METHOD.md §3.4, §3.6, §3.8).
-
-        Shifted noise levels; ``eps`` is the one noise draw per sample shared by u1, u2, x_a and x_b.
-        """
-        b = x0.shape[0]
-        sig = lambda value, n: torch.full((n,), value, device=x0.device, dtype=torch.float32)  # noqa: E731
-        u1, u2 = v1 + sigma_0 * eps, v2 + sigma_0 * eps
-        x_a, x_b = x0 + sigma_a * eps, x0 + sigma_b * eps
-        # One encoder pass for the three online inputs with gradient (the encoder has no batch statistics); the
-        # projector sees each input separately, so its BN statistics are per input as in separate passes.
-        h1, h2, h_a = self._represent(
-            self.online, torch.cat([u1, u2, x_a]), torch.cat([sig(sigma_0, 2 * b), sig(sigma_a, b)])
-        ).split(b)
-        projector = self.online.projection_head
-        z1, z2 = projector(h1), projector(h2)
-        with torch.no_grad():
-            h_b = self._represent(self.online, x_b, sig(sigma_b, b))  # key: online network, stop-gradient (§10.4)
-            # The official online pass always ends in the projector, so x_a and x_b update its BN running
-            # statistics too (u1, u2, x_a, x_b: METHOD.md §3.8 step 4); the frozen auxiliary network of the CM uses
-            # them (§5.4). Their z is unused, so these passes need no gradient and no output layer.
-            projector.track_statistics(h_a)
-            projector.track_statistics(h_b)
-            t1, t2 = self._represent(self.target, torch.cat([u1, u2]), sig(sigma_0, 2 * b)).split(b)
-            k1, k2 = self.target.projection_head(t1), self.target.projection_head(t2)
-        tau_c = self.hparams.tau_contrastive
-        contrastive = info_nce(z1, gather_local_first(k2), tau_c) + info_nce(z2, gather_local_first(k1), tau_c)
-        consistency = info_nce(h_a, gather_local_first(h_b), tau_r)
-        return {
-            "loss": (contrastive + consistency).mean(),
-            "loss_contrastive": contrastive.mean().detach(),
-            "loss_consistency": consistency.mean().detach(),
-        }
+    def compute_losses(self, x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r) -> dict[str, torch.Tensor]:
+        """``loss``, ``loss_contrastive`` and ``loss_consistency`` of :class:`~epg.method.objectives.RCMLoss`."""
+        terms = self.loss(self.online, self.target, x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r)
+        return {"loss": terms.loss, "loss_contrastive": terms.contrastive, "loss_consistency": terms.consistency}
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x0, v1, v2 = batch[0], batch[1], batch[2]
@@ -237,21 +175,8 @@ class PretrainModule(EPGModule):
         return out["loss"]
 
     def log_views(self, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
-        """Once per run (step 0): an image grid of the first ``count`` crops x0 and their two augmented views.
-
-        Rows: x0 (the consistency branch's clean crop), view 1, view 2 (the contrastive branch's inputs before noise,
-        METHOD.md §3.4, §7). Written to loggers that take images (TensorBoard: ``train/views``).
-        """
-        if not self.trainer.is_global_zero or self.logger is None:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_image"):
-            return
-        from torchvision.utils import make_grid
-
-        rows = [denormalize(x[:count].detach().float(), self.hparams.normalization) for x in (x0, v1, v2)]
-        grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=min(count, x0.shape[0]), padding=1)
-        experiment.add_image("train/views", grid, self.trainer.global_step)
+        """Once per run (step 0): the first ``count`` crops x0 and their two views (:func:`log_view_grid`)."""
+        log_view_grid(self, x0, v1, v2, count)
 
     # ---- hooks ----
     def configure_optimizers(self) -> dict:
@@ -277,18 +202,7 @@ class PretrainModule(EPGModule):
 
     def export_stage1(self, path: str | os.PathLike) -> None:
         """Write the hand-over file (hyper-parameters + ``online.*`` weights) for stage 2 (METHOD.md §3.9)."""
-        import lightning
-
-        payload = {
-            "pytorch-lightning_version": lightning.__version__,  # marks the Lightning layout for the loader
-            "hyper_parameters": dict(self.hparams),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith("online.")},
-            "epg_updates": self.updates,
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{os.fspath(path)}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write_stage1_file(path, dict(self.hparams), self.state_dict(), self.updates)
 
     # ---- validation: k-NN accuracy of CLS features ----
     def on_validation_epoch_start(self) -> None:
@@ -305,27 +219,12 @@ class PretrainModule(EPGModule):
 
         None without a datamodule that has ``train_shards`` (then no ``val/knn_acc``); override to use another bank.
         """
-        data = self.trainer.datamodule
-        if getattr(data, "train_shards", None) is None:
-            return None
-        return eval_loader(
-            data.train_shards,
-            image_size=data.image_size,
-            normalization=data.normalization,
-            batch_size=data.val_batch_size or data.per_device_batch_size,
-            subset=self.hparams.knn_bank_size,
-            seed=self.hparams.seed,
-            num_workers=data.num_workers,
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
-        )
+        return training_bank_loader(self.trainer, self.hparams.knn_bank_size, self.hparams.seed, self.global_rank)
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/knn_acc``: the val images of all ranks as queries against the bank of training images."""
         encoder = self.online.encoder
-        empty = torch.zeros(0, encoder.dim, device=self.device)
-        queries = gather_rows(torch.cat([empty, *self._val_feats]))
-        labels = gather_rows(torch.cat([empty.new_zeros(0, dtype=torch.long), *self._val_labels]).long())
+        queries, labels = gather_queries(self._val_feats, self._val_labels, encoder.dim, self.device)
         self._val_feats, self._val_labels = [], []
         if queries.shape[0] == 0:
             return
@@ -340,9 +239,7 @@ class PretrainModule(EPGModule):
             return
         with self.trainer.precision_plugin.val_step_context():  # the precision of the query features
             bank_feats, bank_labels = encoder_features(encoder, bank, self.device)
-        bank_feats, bank_labels = gather_rows(bank_feats), gather_rows(bank_labels)
-        hp = self.hparams
-        acc = knn_accuracy(bank_feats, bank_labels, queries, labels, k=hp.knn_k, temperature=hp.knn_temperature)
+        acc = bank_accuracy(bank_feats, bank_labels, queries, labels, self.hparams.knn_k, self.hparams.knn_temperature)
         self.log("val/knn_acc", acc, prog_bar=True, sync_dist=True)  # same value on every rank
         if not self.trainer.sanity_checking:
             self.log_hp_metric(acc)  # stage 1's headline number

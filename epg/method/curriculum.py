@@ -1,4 +1,6 @@
-"""Step-dependent schedules: stage-1 N(k) and noise pairs, the DM σ draw and weights, ECT (t, r) (METHOD.md §3–§5)."""
+"""Step-dependent schedules and draws: stage-1 N(k), noise pairs and τ, the DM σ draw, the ECT stage and (t, r)
+(METHOD.md §3–§5). The losses that use them, with the DM and CM weights, are in :mod:`epg.method.objectives`, whose
+loss objects hold the paper's values of every parameter here."""
 
 from __future__ import annotations
 
@@ -6,17 +8,17 @@ import math
 
 import torch
 
-from epg.method.noise import SIGMA_MAX, SIGMA_MIN, karras_grid, karras_sigma
+from epg.method.noise import SIGMA_MAX, SIGMA_MIN, karras_grid
 
 # ---- Stage 1 (METHOD.md §3.2–§3.3, §3.6) ---------------------------------------------------------------------------
 
 
-def curriculum_period(total_steps: int = 600_000, n0: int = 20, n1: int = 1280) -> int:
-    """K′ = ⌈K / log₂(⌈N₁/N₀⌉ + 1)⌉; 99,629 for the defaults (METHOD.md §3.2)."""
+def curriculum_period(total_steps: int, n0: int, n1: int) -> int:
+    """K′ = ⌈K / log₂(⌈N₁/N₀⌉ + 1)⌉; 99,629 for the paper's K = 600K, N₀ = 20, N₁ = 1280 (METHOD.md §3.2)."""
     return math.ceil(total_steps / math.log2(math.ceil(n1 / n0) + 1))
 
 
-def num_scales(step: int, total_steps: int = 600_000, n0: int = 20, n1: int = 1280) -> int:
+def num_scales(step: int, total_steps: int, n0: int, n1: int) -> int:
     """N(k) = min(N₀·2^⌈k/K′⌉, N₁) + 1 grid points at optimizer step k (METHOD.md §3.2)."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -51,9 +53,9 @@ def cosine_tau_max(step: int, total_steps: int, tau_start: float, tau_end: float
 
 def dm_sigma_index(
     batch: int,
-    p_mean: float = -1.2,
-    p_std: float = 1.6,
-    n: int = 1280,
+    p_mean: float,
+    p_std: float,
+    n: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -64,16 +66,10 @@ def dm_sigma_index(
     return (log_sigma.exp()[:, None] - grid[None, :]).abs().argmin(dim=1)
 
 
-def dm_loss_weight(index: torch.Tensor, n: int = 1280) -> torch.Tensor:
-    """w_i = 1/(σ_i − σ_{i+1}) on the unshifted N-grid, σ_N from the formula past its end (METHOD.md §4 step 4)."""
-    index = index.to(torch.float64)
-    return 1.0 / (karras_sigma(index, n) - karras_sigma(index + 1, n)).to(index.device)
-
-
 # ---- Stage 2b, consistency (METHOD.md §5.3) ------------------------------------------------------------------------
 
 
-def ect_stage(step: int, d0: int = 100_000, d1: int = 100_000, delta: int = 1) -> int:
+def ect_stage(step: int, d0: int, d1: int, delta: int) -> int:
     """a = δ + ⌊(k − (d₀ − d₁))/d₁⌋ for k ≥ d₀, else δ (METHOD.md §5.3)."""
     if step < d0:
         return delta
@@ -83,11 +79,11 @@ def ect_stage(step: int, d0: int = 100_000, d1: int = 100_000, delta: int = 1) -
 def ect_sample_tr(
     batch: int,
     stage: int,
-    p_mean: float = -0.4,
-    p_std: float = 1.6,
-    q: float = 2.0,
-    kappa: float = 8.0,
-    b: float = 1.0,
+    p_mean: float,
+    p_std: float,
+    q: float,
+    kappa: float,
+    b: float,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,6 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, tau: float | torch.Tenso
     return torch.logsumexp(logits, dim=1) - logits.diagonal()
 
 
-def pseudo_huber(sq_dist: torch.Tensor, c: float = 0.06) -> torch.Tensor:
+def pseudo_huber(sq_dist: torch.Tensor, c: float) -> torch.Tensor:
     """ℓ = s / √(sg(s) + c²) for a per-sample squared distance s; grad = 2·∇(√(s + c²) − c) (METHOD.md §5.4)."""
     return sq_dist / torch.sqrt(sq_dist.detach() + c**2)

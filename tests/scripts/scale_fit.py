@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
-import epg.lightning.objectives as objectives
+import epg.method.objectives.diffusion as objectives
 from epg.lightning.faults import AtomicModelParallelStrategy
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
@@ -44,7 +44,7 @@ class Digits(torch.utils.data.Dataset):
 def fixed_draws() -> None:
     """Make the DM σ index and noise functions of each sample, so they do not depend on how ranks split the batch."""
 
-    def sigma_index(batch, p_mean=-1.2, p_std=1.6, n=1280, generator=None, device=None):
+    def sigma_index(batch, p_mean, p_std, n, generator=None, device=None):
         return fixed_draws.index
 
     def noise(x, generator=None):
@@ -104,15 +104,13 @@ def main() -> None:
     if args.mode == "ddp-equiv":
         # Noise is drawn before σ in our patched order: swap the calls by drawing noise first via the patch.
         fixed_draws()
-        original = objectives.diffusion_loss
+        original = objectives.DiffusionLoss.__call__
 
-        def loss_with_noise_first(denoiser, x0, y, **kw):
+        def loss_with_noise_first(self, denoiser, x0, y, **kw):
             objectives.gaussian_like(x0)  # sets the per-sample σ index
-            return original(denoiser, x0, y, **kw)
+            return original(self, denoiser, x0, y, **kw)
 
-        import epg.lightning.finetune as finetune
-
-        finetune.diffusion_loss = loss_with_noise_first
+        objectives.DiffusionLoss.__call__ = loss_with_noise_first
         module = FinetuneModule(preset="EPG-Nano/4", warmup_steps=0, total_steps=10, sample_every_n_val=0)
         for prm in module.net.parameters():  # leave the zero-init output so every parameter gets a gradient
             prm.data.add_(torch.randn_like(prm) * 0.05)

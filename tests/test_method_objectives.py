@@ -1,4 +1,4 @@
-"""Stage-2 loss terms against hand computation on tiny tensors (METHOD.md §4, §5.3–§5.4)."""
+"""Stage-2 loss objects against hand computation on tiny tensors (METHOD.md §4, §5.3–§5.4)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,32 @@ import pytest
 import torch
 from torch import nn
 
-from epg.lightning.objectives import (
-    consistency_loss,
+from epg.method.curriculum import ect_sample_tr
+from epg.method.denoiser import Denoiser
+from epg.method.noise import karras_grid
+from epg.method.objectives import (
+    ConsistencyLoss,
+    DiffusionLoss,
     denoising_mse,
-    diffusion_loss,
     diffusion_weight,
+    dm_loss_weight,
     shared_dropout_pair,
 )
-from epg.method.curriculum import ect_sample_tr, ect_stage
-from epg.method.denoiser import Denoiser
 from epg.nn.network import build_network
 
 SIZE = 64  # s_H = 1: shifted and unshifted noise levels coincide for the simple checks
+CM = ConsistencyLoss()  # the paper's values (METHOD.md §5.3)
+PAPER_TR = dict(p_mean=CM.p_mean, p_std=CM.p_std, q=CM.ect_q, kappa=CM.ect_kappa, b=CM.ect_b)
+
+
+def diffusion_loss(denoiser, x0, y, generator=None, **options):
+    """One evaluation of ``DiffusionLoss(**options)``."""
+    return DiffusionLoss(**options)(denoiser, x0, y, generator=generator)
+
+
+def consistency_loss(denoiser, target, aux_net, x0, y, *, stage, generator=None, **options):
+    """One evaluation of ``ConsistencyLoss(**options)`` at ECT stage ``stage``."""
+    return ConsistencyLoss(**options)(denoiser, target, aux_net, x0, y, stage, generator=generator)
 
 
 class ScaledInput(nn.Module):
@@ -67,17 +81,30 @@ def test_diffusion_loss_matches_hand_computation():
     assert terms.loss.item() == pytest.approx(terms.weighted.mean().item(), rel=1e-6)
 
 
+def test_dm_weights_hand_values():
+    grid = karras_grid(1280)
+    i1 = int((grid - 1.0).abs().argmin())
+    w = dm_loss_weight(torch.tensor([0, i1, 1279]), DiffusionLoss().sigma_grid)
+    assert w[0].item() == pytest.approx(1 / (grid[0] - grid[1]).item())
+    assert w[0].item() == pytest.approx(2.9, abs=0.05)  # σ = 80
+    assert w[1].item() == pytest.approx(126, rel=0.01)  # σ ≈ 1
+    assert w[2].item() == pytest.approx(1 / (0.002 - 0.00196), rel=0.05)  # ≈ 2.6e4
+    assert 2.4e4 < w[2].item() < 2.8e4
+
+
 def test_diffusion_weight_options():
     index = torch.tensor([0, 640, 1279])
     sigma = torch.tensor([1.0, 2.0, 0.5])
-    spacing = diffusion_weight(index, sigma, "inverse_spacing")
+    spacing = diffusion_weight(index, sigma, "inverse_spacing", 1280)
     for k, i in enumerate(index.tolist()):
         assert spacing[k].item() == pytest.approx(1 / (karras(i) - karras(i + 1)), rel=1e-5)
-    edm = diffusion_weight(index, sigma, "edm")
+    edm = diffusion_weight(index, sigma, "edm", 1280)
     assert edm.tolist() == pytest.approx([(s**2 + 0.25) / (s * 0.5) ** 2 for s in sigma.tolist()], rel=1e-6)
-    assert diffusion_weight(index, sigma, "uniform").tolist() == [1.0, 1.0, 1.0]
-    with pytest.raises(ValueError, match="loss_weighting"):
-        diffusion_weight(index, sigma, "snr")
+    assert diffusion_weight(index, sigma, "uniform", 1280).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="weighting 'snr'"):
+        diffusion_weight(index, sigma, "snr", 1280)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        DiffusionLoss(weighting="snr")
 
 
 def test_consistency_loss_matches_hand_computation():
@@ -90,7 +117,7 @@ def test_consistency_loss_matches_hand_computation():
         online, target, FlatFeatures(), x0, None, stage=stage, aux_tau=tau, generator=torch.Generator().manual_seed(3)
     )
     g = torch.Generator().manual_seed(3)
-    t, r = ect_sample_tr(4, stage, generator=g)
+    t, r = ect_sample_tr(4, stage, **PAPER_TR, generator=g)
     eps = torch.randn(x0.shape, generator=g)
     sig_min = 0.002
 
@@ -175,20 +202,20 @@ def test_scaled_cm_weighting_multiplies_the_paper_weight_by_one_over_sigma_d_c_i
         factor = math.sqrt(t_shifted**2 + 0.25) / 0.5
         assert scaled.weight[k].item() == pytest.approx(factor / gap, rel=1e-5)
         assert scaled.consistency[k].item() == pytest.approx(factor * paper.consistency[k].item(), rel=1e-5)
-    with pytest.raises(ValueError, match="ect_weighting"):
+    with pytest.raises(ValueError, match="weighting must be one of"):
         consistency_loss(den, den, None, x0, None, stage=1, weighting="snr")
 
 
 def test_ect_stages_over_steps():
-    assert [ect_stage(k) for k in (0, 99_999, 100_000, 199_999, 200_000, 650_000)] == [1, 1, 2, 2, 3, 7]
+    assert [CM.stage(k) for k in (0, 99_999, 100_000, 199_999, 200_000, 650_000)] == [1, 1, 2, 2, 3, 7]
     g = torch.Generator().manual_seed(0)
     for stage in (1, 2, 3, 5):
-        t, r = ect_sample_tr(20_000, stage, generator=g)
+        t, r = ect_sample_tr(20_000, stage, **PAPER_TR, generator=g)
         assert bool((r <= t).all()) and bool((r >= 0.002).all())
         free = r > 0.002
         if stage >= 3:  # r/t ≥ 1 − 5·2^−a (METHOD.md §5.3)
             assert float((r[free] / t[free]).min()) >= 1 - 5 * 2.0**-stage - 1e-9
-    t, r = ect_sample_tr(20_000, 1, generator=g)
+    t, r = ect_sample_tr(20_000, 1, **PAPER_TR, generator=g)
     assert bool((r[t <= math.log(7) - 1e-6] == 0.002).all())  # a = 1: denoising-like for t ≤ ln 7
 
 
