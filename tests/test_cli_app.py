@@ -227,3 +227,25 @@ def test_config_mistakes_and_missing_gpus_are_one_line_errors(tmp_path, demo_dat
         "epg fit: trainer.accelerator: gpu with 8 device(s), but this machine has 0 CUDA GPU(s); on the CPU run "
         "with --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true"
     )
+
+
+def test_resume_compares_grid_sampling_options_with_old_flat_keys_folded_in():
+    """A checkpoint's `sampling` (or, from older versions, its flat sample_* keys) against the config's: compared
+    field by field, so an unchanged setting resumes and a changed one is named."""
+    from epg.lightning.cli import hparam_changes
+
+    old_ckpt = {"objective": "diffusion", "sample_guidance": 2.0, "sample_steps": 16}  # flat keys, older versions
+    new_ckpt = {"objective": "diffusion", "sampling": {"cfg": 2.0, "steps": 16, "interval": [0.19, 1.61]}}
+    same = {"objective": "diffusion", "sampling": {"cfg": 2.0, "steps": 16}}
+    for saved in (old_ckpt, new_ckpt):
+        assert hparam_changes(same, {}, {}, saved, {}) == []
+        changed = hparam_changes({**same, "sampling": {"cfg": 3.0, "steps": 16, "interval": None}}, {}, {}, saved, {})
+        assert [(c.option, c.old, c.new) for c in changed] == [
+            ("model.init_args.sampling.cfg", 2.0, 3.0),
+            ("model.init_args.sampling.interval", [0.19, 1.61], None),
+        ]
+    # the config's own flat keys (deprecated) count as well
+    assert (
+        hparam_changes({"objective": "diffusion", "sample_guidance": 2.0, "sample_steps": 16}, {}, {}, new_ckpt, {})
+        == []
+    )
