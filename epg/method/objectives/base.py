@@ -19,12 +19,21 @@ def gaussian_like(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+_DEFAULT_LOSSES: dict[str, type] = {}  # objective string → the package's loss class (filled by subclassing)
+
+
 class Objective:
     """A training loss that owns its hyper-parameters (the paper's values are its constructor's defaults), its
     noise draws and its weights. Configured by ``class_path`` (``model.init_args.loss``) and stored in checkpoints
     as the plain dict :meth:`spec`. Subclasses keep every constructor argument as a same-named attribute."""
 
     objective: ClassVar[str] = ""  # the module's objective string ("rcm", "diffusion", "consistency")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The package's own loss of each objective string is its default (a user's subclass never replaces it).
+        if "objective" in cls.__dict__ and cls.__module__.startswith(f"{PACKAGE}."):
+            _DEFAULT_LOSSES.setdefault(cls.objective, cls)
 
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this loss (all of them, defaults included)."""
@@ -169,9 +178,7 @@ def loss_kind(hparams: Mapping[str, Any]) -> str:
 
 def default_loss(kind: str) -> type[Objective]:
     """The loss class of a kind ("rcm", "diffusion", "consistency")."""
-    from epg.method.objectives import OBJECTIVE_LOSSES, RCMLoss
-
-    return RCMLoss if kind == "rcm" else OBJECTIVE_LOSSES[kind]
+    return _DEFAULT_LOSSES[kind]
 
 
 def loss_spec(value: Objective | Mapping | None, kind: str) -> dict[str, Any]:
