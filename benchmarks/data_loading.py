@@ -1,4 +1,4 @@
-"""Data-loading throughput: decode + augment images/s of EPGDataModule for stage 1 and stage 2 (METHOD.md §7).
+"""Data-loading throughput: decode + augment images/s of EPGDataModule for stage 1 and stage 2 (method.md §7).
 
     .venv/bin/python benchmarks/data_loading.py --out benchmarks/results/data_loading.json
 

@@ -9,7 +9,7 @@ Three formats are accepted:
    :class:`epg.lightning.finetune.FinetuneModule`: ``hyper_parameters`` hold
    ``preset``, ``network`` (EPGConfig overrides), ``objective``, ``normalization`` and ``ema_rates``; the state dict
    holds the online network under ``net.`` and EMA copies under ``ema_nets.<i>.`` (i indexes ``ema_rates``);
-3. a released official checkpoint (needs ``preset``; METHOD.md §12), see :func:`epg.load_official`.
+3. a released official checkpoint (needs ``preset``; method.md §12), see :func:`epg.load_official`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def read_hyper_parameters(path: str | os.PathLike) -> tuple[dict, dict]:
     return dict(ckpt.get("hyper_parameters") or {}), dict(ckpt.get("datamodule_hyper_parameters") or {})
 
 
-# The sampler each objective needs when none is named: Heun for the diffusion model (METHOD.md §6.1), the
+# The sampler each objective needs when none is named: Heun for the diffusion model (method.md §6.1), the
 # 1-step consistency sampler for the consistency model (§6.5).
 OBJECTIVE_SAMPLERS = {"diffusion": "heun", "consistency": "consistency"}
 
@@ -183,7 +183,7 @@ def load_denoiser(
 
 
 def load_stage1_representation(path: str | os.PathLike, preset: str | None = None, **overrides):
-    """The stage-1 online encoder + projector (METHOD.md §2.3, §3.9) from a PretrainModule checkpoint or an RCM file.
+    """The stage-1 online encoder + projector (method.md §2.3, §3.9) from a PretrainModule checkpoint or an RCM file.
 
     A Lightning checkpoint of :class:`epg.lightning.pretrain.PretrainModule` keeps the online network under
     ``online.`` and its architecture in the ``preset``/``network`` hyper-parameters. An official RCM file needs

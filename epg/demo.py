@@ -1,7 +1,7 @@
 """`epg demo`: the whole pipeline on the embedded MNIST digits: data, stage 1, stage 2, grid, FID, class accuracy.
 
 Steps (each printed with its elapsed time): prepare the shards (OUT/data), ensure the FID Inception weights, stage-1
-pre-training (METHOD.md §3) with ``configs/demo/pretrain.yaml``, the k-NN accuracy of its encoder and of a random-init
+pre-training (method.md §3) with ``configs/demo/pretrain.yaml``, the k-NN accuracy of its encoder and of a random-init
 one of the same preset (val digits classified by their neighbours among the train digits, as ``val/knn_acc``),
 stage-2 fine-tuning from the stage-1 checkpoint as a diffusion model (§4, ``finetune_dm.yaml``) or a consistency
 model (§5, ``finetune_cm.yaml``), then with the first EMA copy: a 10x10 grid (row c = class c, fixed seed), N

@@ -1,4 +1,4 @@
-"""`epg sample`: N images from a checkpoint as PNGs plus an ADM-style ``<folder>.npz`` (METHOD.md §6, §8).
+"""`epg sample`: N images from a checkpoint as PNGs plus an ADM-style ``<folder>.npz`` (method.md §6, §8).
 
 Image i's noise and label depend only on (seed, i), so a rerun fills in exactly the missing files and any number of
 devices produces the same set. Several devices: ``--devices N`` (Lightning Fabric DDP, which relaunches the command
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poor", help="the weaker checkpoint for --autoguidance")
     interval_help = "guidance σ interval lo,hi (unshifted; applied as (lo·s_H, hi·s_H]) or 'none' for every level"
     p.add_argument("--interval", default=format_interval(GUIDANCE_INTERVAL), help=interval_help)
-    p.add_argument("--no-clamp", action="store_true", help="do not clamp x̂0 to [−1, 1] (METHOD.md §6.1)")
+    p.add_argument("--no-clamp", action="store_true", help="do not clamp x̂0 to [−1, 1] (method.md §6.1)")
     p.add_argument(
         "--labels",
         default="balanced",
@@ -131,7 +131,7 @@ def _sampler_options(args: argparse.Namespace) -> dict:
 
 
 def label_counts(source: str, checkpoint: str | os.PathLike) -> tuple[list[int] | None, str]:
-    """Training-set class counts for random labels (METHOD.md §6.4) and a line saying where they come from.
+    """Training-set class counts for random labels (method.md §6.4) and a line saying where they come from.
 
     ``source`` names training shards or their dataset.json, "uniform" (None: equal frequencies), or "auto": the
     ``data.train_shards`` that a Lightning checkpoint records, read relative to the working directory. Where "auto"
@@ -156,7 +156,7 @@ def label_counts(source: str, checkpoint: str | os.PathLike) -> tuple[list[int] 
     found = f"its training shards {spec} have no dataset.json here" if spec else "it records no training shards"
     return None, (
         f"note: random labels are uniform over the classes: {found}; pass --label-counts TRAIN_SHARDS for the "
-        "training set's class frequencies (METHOD.md §6.4)"
+        "training set's class frequencies (method.md §6.4)"
     )
 
 

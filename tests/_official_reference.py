@@ -1,4 +1,4 @@
-"""An independent functional EPG forward on the official flat key names (METHOD.md §1.6, §2), for loader tests."""
+"""An independent functional EPG forward on the official flat key names (method.md §1.6, §2), for loader tests."""
 
 import math
 
@@ -35,7 +35,7 @@ def _temb(c, dim):
 
 
 def reference_forward(sd, x_in, c_noise, y, *, depth, enc_heads, dec_heads, patch, num_tokens=1):
-    """F(x_in, c_noise, y) of an official EPG state dict, written from METHOD.md §2 alone."""
+    """F(x_in, c_noise, y) of an official EPG state dict, written from method.md §2 alone."""
     b = x_in.shape[0]
     dim = sd["pos_embed"].shape[-1]
     patches = F.conv2d(x_in, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)

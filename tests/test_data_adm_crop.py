@@ -1,4 +1,4 @@
-"""ADM center crop (METHOD.md §7) against hand computations."""
+"""ADM center crop (method.md §7) against hand computations."""
 
 import io
 

@@ -1,4 +1,4 @@
-"""Per-sample transforms of METHOD.md §7."""
+"""Per-sample transforms of method.md §7."""
 
 import numpy as np
 import pytest

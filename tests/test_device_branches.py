@@ -12,7 +12,7 @@ from epg.method.objectives.consistency import _rng_devices
 
 
 def test_shared_dropout_forks_the_rng_of_the_tensor_cuda_device(monkeypatch):
-    """The CM's shared dropout (METHOD.md §5.2) forks the CUDA generator of the device the batch is on."""
+    """The CM's shared dropout (method.md §5.2) forks the CUDA generator of the device the batch is on."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert _rng_devices(SimpleNamespace(device=torch.device("cuda", 1))) == [1]
     assert _rng_devices(SimpleNamespace(device=torch.device("cuda"))) == [3]  # "cuda" = the current device
@@ -20,7 +20,7 @@ def test_shared_dropout_forks_the_rng_of_the_tensor_cuda_device(monkeypatch):
 
 
 def test_paper_grad_scaler_is_swapped_in_for_a_cuda_16_mixed_plugin(monkeypatch):
-    """setup() replaces Lightning's default scaler with the paper's (METHOD.md §3.7) on the plugin's device."""
+    """setup() replaces Lightning's default scaler with the paper's (method.md §3.7) on the plugin's device."""
     made = []
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device, **kw: made.append((device, kw)) or "paper")
     plugin = SimpleNamespace(scaler="lightning's", device="cuda")  # MixedPrecision("16-mixed", "cuda") as seen here

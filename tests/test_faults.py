@@ -153,7 +153,7 @@ def test_nan_in_cm_names_t(tmp_path):
 
 
 def test_grad_scaler_runs_skip_the_nan_check():
-    """Under 16-mixed the GradScaler skips inf/NaN steps (METHOD.md §3.7): the guard stays out of the way."""
+    """Under 16-mixed the GradScaler skips inf/NaN steps (method.md §3.7): the guard stays out of the way."""
     module = FinetuneModule(preset=NANO, warmup_steps=1, total_steps=10, sample_every_n_val=0)
     plugin = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
     module._trainer = types.SimpleNamespace(precision_plugin=plugin, global_step=3, world_size=1)

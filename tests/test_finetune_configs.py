@@ -48,7 +48,7 @@ def test_paper_rows_keep_the_paper_recipe(name):
     assert (args["lr"], args["warmup_steps"], args["ema_rates"]) == (1e-4, 10_000, [0.9999])
     assert (data["global_batch_size"], data["normalization"]) == (1024, "imagenet")
     strategy = cfg["trainer"]["strategy"]
-    if isinstance(strategy, dict):  # FSDP2 has no 16-mixed: bf16 there, a documented deviation (METHOD.md §11)
+    if isinstance(strategy, dict):  # FSDP2 has no 16-mixed: bf16 there, a documented deviation (method.md §11)
         assert strategy["class_path"].endswith("ModelParallelStrategy")
         assert cfg["trainer"]["precision"] == "bf16-mixed"
     else:

@@ -214,7 +214,7 @@ def test_noise_draws_differ_per_micro_batch_and_repeat_per_key(stage1):
 
 
 def test_grid_guidance_interval_defaults_to_the_paper_and_none_guides_every_level(stage1, monkeypatch):
-    """sampling.interval: the paper's (0.19, 1.61] by default (METHOD.md §6.2); None guides all levels."""
+    """sampling.interval: the paper's (0.19, 1.61] by default (method.md §6.2); None guides all levels."""
     from epg.sampling.grid import GUIDANCE_INTERVAL
 
     assert make(stage1[0]).sampling.guidance is None  # no scale: no guidance

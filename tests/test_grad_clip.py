@@ -1,4 +1,4 @@
-"""Gradient clipping after warm-up with the optimizer the modules build, on every precision (METHOD.md §4, §3.7).
+"""Gradient clipping after warm-up with the optimizer the modules build, on every precision (method.md §4, §3.7).
 
 The GPU path is forced on CPU: ``Tensor.is_cuda`` reads True (device checks take their CUDA branch), fused AdamW
 runs on CPU, and "16-mixed" with a GradScaler runs through a CPU ``MixedPrecision`` plugin (Lightning maps a plain

@@ -7,7 +7,7 @@ with the paper's GradScaler through a CPU plugin; "bf16-mixed" and "32-true" as 
 SyncBatchNorm is off here (torch's DDP refuses it for CPU modules) and on in benchmarks/gpu_check.sh's CUDA runs.
 
 Each run crosses every boundary of its schedule (tests._lifecycle.check_lifecycle asserts each):
-- stage 2 DM: LR warm-up end (clipping turns on, METHOD.md §4) and cosine end; resumed inside warm-up;
+- stage 2 DM: LR warm-up end (clipping turns on, method.md §4) and cosine end; resumed inside warm-up;
 - stage 2 CM: warm-up end, ECT stage changes (§5.3), both LR milestones (§5.5), target = online after every update
   (§5.2); resumed before the first stage change;
 - stage 1: warm-up end, every curriculum doubling up to its last N (§3.2), cosine end; resumed mid-curriculum;

@@ -1,4 +1,4 @@
-"""Shared LightningModule glue: optimizer groups, the compile flag, FSDP hooks (METHOD.md §4, §11)."""
+"""Shared LightningModule glue: optimizer groups, the compile flag, FSDP hooks (method.md §4, §11)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Stage-1 N(k) table, DM σ draw, ECT (t, r) stages (METHOD.md §3.2–§3.3, §4, §5.3)."""
+"""Stage-1 N(k) table, DM σ draw, ECT (t, r) stages (method.md §3.2–§3.3, §4, §5.3)."""
 
 import math
 
@@ -18,7 +18,7 @@ from epg.method.curriculum import (
 from epg.method.noise import karras_grid
 from epg.method.objectives import ConsistencyLoss, DiffusionLoss, RCMLoss
 
-# The paper's values, held by the loss objects (METHOD.md §3.2, §4, §5.3); K = 600K is the stage-1 run's length.
+# The paper's values, held by the loss objects (method.md §3.2, §4, §5.3); K = 600K is the stage-1 run's length.
 RCM, DM, CM = RCMLoss(), DiffusionLoss(), ConsistencyLoss()
 PAPER_K, N0, N1 = 600_000, RCM.curriculum_n0, RCM.curriculum_n1
 PAPER_TR = dict(p_mean=CM.p_mean, p_std=CM.p_std, q=CM.ect_q, kappa=CM.ect_kappa, b=CM.ect_b)
@@ -55,7 +55,7 @@ def test_pair_sigmas_shifted_and_adjacent():
     assert a == pytest.approx(320.0) and s0 == pytest.approx(0.008)
     grid = karras_grid(21)
     assert b == pytest.approx(4 * grid[1].item())
-    a, b, _ = pair_sigmas(19, 21, shift=4.0)  # the last pair reaches σ_min (METHOD.md §10.9)
+    a, b, _ = pair_sigmas(19, 21, shift=4.0)  # the last pair reaches σ_min (method.md §10.9)
     assert b == pytest.approx(0.008)
     with pytest.raises(ValueError):
         pair_sigmas(20, 21, shift=4.0)
@@ -94,7 +94,7 @@ def test_ect_tr_stage_properties():
     g = torch.Generator().manual_seed(0)
     t, r = ect_sample_tr(50_000, stage=1, **PAPER_TR, generator=g)
     assert torch.all(t >= 0.002) and torch.all(r >= 0.002) and torch.all(r <= t)
-    # At a = 1, r = σ_min unless t > ln 7 (METHOD.md §5.3).
+    # At a = 1, r = σ_min unless t > ln 7 (method.md §5.3).
     assert torch.all(r[t < math.log(7) - 1e-6] == 0.002)
     assert torch.all(r[t > 2.2] > 0.002)  # t·(1 − ½(1 + 8·sig(−t))) exceeds σ_min well above ln 7
     t, r = ect_sample_tr(50_000, stage=2, **PAPER_TR, generator=g)

@@ -1,4 +1,4 @@
-"""Denoiser preconditioning and output parameterisations (METHOD.md §1.3, §1.5)."""
+"""Denoiser preconditioning and output parameterisations (method.md §1.3, §1.5)."""
 
 import pytest
 import torch

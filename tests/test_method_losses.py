@@ -1,4 +1,4 @@
-"""InfoNCE, pseudo-Huber, EMA and LR schedules against hand computations (METHOD.md §3.5–§3.7, §4, §5)."""
+"""InfoNCE, pseudo-Huber, EMA and LR schedules against hand computations (method.md §3.5–§3.7, §4, §5)."""
 
 import math
 
@@ -54,7 +54,7 @@ def test_ema_update_params_only():
     online.running_mean.fill_(5.0)
     ema_update_(target, online, 0.99)
     assert torch.allclose(target.weight, torch.full((2,), 0.99 * 1 + 0.01 * 3))
-    assert torch.equal(target.running_mean, torch.zeros(2))  # buffers are not averaged (METHOD.md §3.5)
+    assert torch.equal(target.running_mean, torch.zeros(2))  # buffers are not averaged (method.md §3.5)
     ema_update_(target, online, 0.0)
     assert torch.equal(target.weight, online.weight)
 
@@ -65,6 +65,6 @@ def test_lr_schedules():
     assert warmup_cosine(10, 10, 110) == 1.0
     assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
     assert warmup_cosine(110, 10, 110) == 0.0
-    # The official bands close on the milestone: x1 while k <= 400K, x0.3 while k <= 500K (METHOD.md §5.5).
+    # The official bands close on the milestone: x1 while k <= 400K, x0.3 while k <= 500K (method.md §5.5).
     steps = (5_000, 10_000, 400_000, 400_001, 500_000, 500_001)
     assert [warmup_steps_schedule(k, 10_000) for k in steps] == [0.5, 1.0, 1.0, 0.3, 0.3, 0.08]

@@ -1,4 +1,4 @@
-"""Karras grid, resolution shift and preconditioning against hand-computed values (METHOD.md §1)."""
+"""Karras grid, resolution shift and preconditioning against hand-computed values (method.md §1)."""
 
 import math
 
@@ -22,7 +22,7 @@ def test_grid_hand_value():
 
 
 def test_grid_extends_past_end():
-    # σ_1280 of the 1280 grid, used by the last DM weight (METHOD.md §4): ≈ 0.00196.
+    # σ_1280 of the 1280 grid, used by the last DM weight (method.md §4): ≈ 0.00196.
     assert karras_sigma(1280, 1280).item() == pytest.approx(0.00196, abs=5e-6)
 
 

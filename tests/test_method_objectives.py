@@ -1,4 +1,4 @@
-"""Stage-2 loss objects against hand computation on tiny tensors (METHOD.md §4, §5.3–§5.4)."""
+"""Stage-2 loss objects against hand computation on tiny tensors (method.md §4, §5.3–§5.4)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from epg.method.objectives import (
 from epg.nn.network import build_network
 
 SIZE = 64  # s_H = 1: shifted and unshifted noise levels coincide for the simple checks
-CM = ConsistencyLoss()  # the paper's values (METHOD.md §5.3)
+CM = ConsistencyLoss()  # the paper's values (method.md §5.3)
 PAPER_TR = dict(p_mean=CM.p_mean, p_std=CM.p_std, q=CM.ect_q, kappa=CM.ect_kappa, b=CM.ect_b)
 
 
@@ -213,7 +213,7 @@ def test_ect_stages_over_steps():
         t, r = ect_sample_tr(20_000, stage, **PAPER_TR, generator=g)
         assert bool((r <= t).all()) and bool((r >= 0.002).all())
         free = r > 0.002
-        if stage >= 3:  # r/t ≥ 1 − 5·2^−a (METHOD.md §5.3)
+        if stage >= 3:  # r/t ≥ 1 − 5·2^−a (method.md §5.3)
             assert float((r[free] / t[free]).min()) >= 1 - 5 * 2.0**-stage - 1e-9
     t, r = ect_sample_tr(20_000, 1, **PAPER_TR, generator=g)
     assert bool((r[t <= math.log(7) - 1e-6] == 0.002).all())  # a = 1: denoising-like for t ≤ ln 7

@@ -1,4 +1,4 @@
-"""Analytic GFLOPs against the table of METHOD.md §2.4 (linear-layer multiply-adds, DiT convention)."""
+"""Analytic GFLOPs against the table of method.md §2.4 (linear-layer multiply-adds, DiT convention)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Backbone behaviour: initialisation (METHOD.md §2.3), conditioning, dtype handling, checkpointing, dropout."""
+"""Backbone behaviour: initialisation (method.md §2.3), conditioning, dtype handling, checkpointing, dropout."""
 
 import math
 

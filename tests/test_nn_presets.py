@@ -1,4 +1,4 @@
-"""Parameter counts of the paper presets (METHOD.md §2.4), built on the meta device (no memory)."""
+"""Parameter counts of the paper presets (method.md §2.4), built on the meta device (no memory)."""
 
 import pytest
 import torch
@@ -58,7 +58,7 @@ def test_bad_presets_and_options_name_the_problem():
 
 
 def test_stage1_names_are_the_released_encoders():
-    """METHOD.md §2.4: RCM-B (IN-256 and IN-512) is the ViT-B body (12, 768, 12), RCM-L (IN-256) the L one."""
+    """method.md §2.4: RCM-B (IN-256 and IN-512) is the ViT-B body (12, 768, 12), RCM-L (IN-256) the L one."""
     from epg.nn.presets import ALIASES, ENCODER_FIELDS, PRESETS, STAGE1_PRESETS
 
     def encoder(cfg):

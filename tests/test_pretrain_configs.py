@@ -55,7 +55,7 @@ def test_paper_rows_keep_the_paper_recipe(name):
     assert (data["global_batch_size"], data["normalization"]) == (1024, "imagenet")
     assert (trainer["devices"], trainer["strategy"], trainer["sync_batchnorm"]) == (8, "ddp", True)
     assert trainer["precision"] == "bf16-mixed"
-    assert args["network"] is None  # projector out 256 (METHOD.md §10.1)
+    assert args["network"] is None  # projector out 256 (method.md §10.1)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""PretrainModule pieces: curriculum and pair draw over steps, both loss terms, EMA, modes, hand-over (METHOD.md §3)."""
+"""PretrainModule pieces: curriculum and pair draw over steps, both loss terms, EMA, modes, hand-over (method.md §3)."""
 
 import math
 
@@ -18,7 +18,7 @@ def nano(**kwargs) -> PretrainModule:
 
 
 def test_curriculum_follows_the_paper_table():
-    module = nano()  # K = 600K, N0 = 20, N1 = 1280 (METHOD.md §3.2)
+    module = nano()  # K = 600K, N0 = 20, N1 = 1280 (method.md §3.2)
     table = {0: 21, 1: 41, 99_629: 41, 99_630: 81, 199_259: 161, 298_888: 321, 398_517: 641, 498_146: 1281}
     assert {k: module.num_scales_at(k) for k in table} == table
     assert module.num_scales_at(600_000) == 1281
@@ -77,7 +77,7 @@ def test_lr_schedule_and_optimizer():
     assert [module.lr_multiplier(k) for k in (0, 5, 10, 60, 110)] == pytest.approx([0, 0.5, 1, 0.5, 0])
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["lr"] == 6e-4
-    (group,) = optimizer.param_groups  # weight decay on all parameters (METHOD.md §3.7)
+    (group,) = optimizer.param_groups  # weight decay on all parameters (method.md §3.7)
     assert group["weight_decay"] == 0.03
     assert len(group["params"]) == len(list(module.online.parameters()))
 

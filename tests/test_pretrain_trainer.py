@@ -75,7 +75,7 @@ def test_resume_restores_step_target_and_curriculum(tmp_path):
 
 
 def test_one_step_updates_projector_bn_like_the_four_official_passes():
-    """The projector BN statistics after one step equal four train-mode passes u1, u2, x_a, x_b (METHOD.md §3.8)."""
+    """The projector BN statistics after one step equal four train-mode passes u1, u2, x_a, x_b (method.md §3.8)."""
     torch.manual_seed(0)
     module = PretrainModule(**SMALL)
     reference = copy.deepcopy(module.online).train()

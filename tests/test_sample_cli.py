@@ -1,4 +1,4 @@
-"""`epg sample`: count, ADM npz, labels, per-image determinism and resuming (METHOD.md §6.4, §8)."""
+"""`epg sample`: count, ADM npz, labels, per-image determinism and resuming (method.md §6.4, §8)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def z() -> torch.Tensor:
 
 
 def _exact_endpoint(z: torch.Tensor, shift: float = 4.0) -> torch.Tensor:
-    # x − μ ∝ √(s² + σ²) along the ODE; start at σ'_max·z, stop at σ'_min (METHOD.md §6.1: no final denoise).
+    # x − μ ∝ √(s² + σ²) along the ODE; start at σ'_max·z, stop at σ'_min (method.md §6.1: no final denoise).
     smin, smax = SIGMA_MIN * shift, SIGMA_MAX * shift
     return MU + (smax * z.double() - MU) * math.sqrt(S**2 + smin**2) / math.sqrt(S**2 + smax**2)
 
@@ -75,7 +75,7 @@ def test_stochastic_sampler_converges_to_the_data_distribution(z: torch.Tensor) 
 
 
 def test_official_stochastic_sampler_matches_the_routine_of_method_6_1() -> None:
-    """METHOD.md §6.1 written out: S_min/S_max against the shifted σ', a draw every step, no correction at the end."""
+    """method.md §6.1 written out: S_min/S_max against the shifted σ', a draw every step, no correction at the end."""
     d = Denoiser(ExactGaussianNet(), "x0")  # s_H = 4
     z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     # At 8 steps σ' = 320, 140, 54.8, 18.5, 5.15, 1.07, 0.141, 0.008: the official window [0.05, 50] churns the

@@ -1,4 +1,4 @@
-"""CFG on the interval (0.19·s_H, 1.61·s_H], autoguidance and the NFE count of METHOD.md §6.2–§6.3."""
+"""CFG on the interval (0.19·s_H, 1.61·s_H], autoguidance and the NFE count of method.md §6.2–§6.3."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def test_options_check_and_build_settings():
     assert settings.class_counts == [1, 2] and settings.autocast is torch.bfloat16
     assert SamplingOptions(sampler="euler").settings("heun").sampler == "euler"
     assert SamplingOptions(cfg=1.0).guidance is None and SamplingOptions().guidance is None
-    assert SamplingOptions().interval == GUIDANCE_INTERVAL  # the paper's by default (METHOD.md §6.2)
+    assert SamplingOptions().interval == GUIDANCE_INTERVAL  # the paper's by default (method.md §6.2)
     for bad in ({"sampler": "ddim"}, {"labels": "odd"}, {"steps": 0}, {"seed": -1}, {"interval": (2.0, 1.0)}):
         with pytest.raises(SamplingOptionsError):
             SamplingOptions(**bad)

@@ -1,4 +1,4 @@
-"""The ADM center crop of METHOD.md §7 and the lossless/lossy encoders used for shards."""
+"""The ADM center crop of method.md §7 and the lossless/lossy encoders used for shards."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from PIL import Image
 
 FORMATS = ("png", "jpg")
 JPEG_QUALITY = 95
-# Official PNGs use zlib level 0 (METHOD.md §7): ~1.6x larger than level 1 but twice as fast to decode.
+# Official PNGs use zlib level 0 (method.md §7): ~1.6x larger than level 1 but twice as fast to decode.
 PNG_COMPRESS_LEVEL = 0
 
 
 def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Square `resolution` crop of `image` as ADM does it (METHOD.md §7 steps 1-3)."""
+    """Square `resolution` crop of `image` as ADM does it (method.md §7 steps 1-3)."""
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
     # 1. While the short side is >= 2·res, halve with a BOX filter (cheap, alias-free anti-aliasing).

@@ -1,4 +1,4 @@
-"""The WebDataset LightningDataModule of both stages (METHOD.md §3.1, §4 labels, §7 loader)."""
+"""The WebDataset LightningDataModule of both stages (method.md §3.1, §4 labels, §7 loader)."""
 
 from __future__ import annotations
 
@@ -53,18 +53,18 @@ class EPGDataModule(L.LightningDataModule):
         train_shards: training shards: a brace pattern such as ``data/train/train-{000000..000004}.tar``, a folder
             (all its ``*.tar``), a single path, or a URL (``pipe:``, ``http://`` ...).
         val_shards: validation shards, same forms; None disables validation.
-        stage: "pretrain" (stage 1, METHOD.md §3.1) or "finetune" (stage 2, §4).
+        stage: "pretrain" (stage 1, method.md §3.1) or "finetune" (stage 2, §4).
         image_size: training resolution; images stored at another size are ADM-center-cropped to it.
         global_batch_size: batch over all devices; each device gets global_batch_size // world_size.
         val_batch_size: per-device validation batch (default: the per-device training batch).
         num_workers: DataLoader worker processes per device.
-        normalization: "imagenet" or "simple" (METHOD.md §1.1).
+        normalization: "imagenet" or "simple" (method.md §1.1).
         label_drop: probability of replacing a label by the null label num_classes (finetune only, for CFG).
         num_classes: number of real classes; the null label is this value.
         samples_per_epoch: samples per epoch over all devices (default: ``num_samples`` of the shards' dataset.json).
         seed: base seed of shard sampling, shuffling and augmentation, offset per rank and worker.
         shuffle_buffer: samples in each worker's shuffle buffer.
-        hflip: random horizontal flips of METHOD.md §7 (turn off for data whose mirror image is another class).
+        hflip: random horizontal flips of method.md §7 (turn off for data whose mirror image is another class).
         rank: this process's rank, for use without a Trainer (default: Trainer, then $RANK, then 0).
         world_size: number of processes, for use without a Trainer (default: Trainer, then $WORLD_SIZE, then 1).
         allow_damaged_shards: train on local shards whose size differs from their record (a warning, not an error).
@@ -154,7 +154,7 @@ class EPGDataModule(L.LightningDataModule):
 
     @property
     def per_device_batch_size(self) -> int:
-        """Training batch per device: global_batch_size // world_size (METHOD.md §7: 1024 / 8 = 128)."""
+        """Training batch per device: global_batch_size // world_size (method.md §7: 1024 / 8 = 128)."""
         world = self.world_size
         if self.global_batch_size % world:
             raise ValueError(

@@ -78,7 +78,7 @@ def split_by_rank(source: Iterator, rank: int, world_size: int) -> Iterator:
 
 
 class PretrainSample:
-    """Sample -> (x0, v1, v2, y) for stage 1 (METHOD.md §3.1)."""
+    """Sample -> (x0, v1, v2, y) for stage 1 (method.md §3.1)."""
 
     def __init__(self, transform: PretrainViews) -> None:
         self.transform = transform
@@ -89,7 +89,7 @@ class PretrainSample:
 
 
 class LabelledSample:
-    """Sample -> (x, y), y replaced by the null label with probability `label_drop` (METHOD.md §4 step 1).
+    """Sample -> (x, y), y replaced by the null label with probability `label_drop` (method.md §4 step 1).
 
     The drop draws from torch's global RNG, like the transforms: the training stream seeds it per sample.
     """

@@ -1,4 +1,4 @@
-"""`epg prepare`: image tree (or the embedded demo digits) -> WebDataset shards of ADM center crops (METHOD.md §7).
+"""`epg prepare`: image tree (or the embedded demo digits) -> WebDataset shards of ADM center crops (method.md §7).
 
     epg prepare SRC OUT --resolution 256 [--split train|val] [--labels FILE] [--format png|jpg]
                         [--png-level 0] [--shard-size 1000] [--workers N]
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Parser of `epg prepare SRC OUT ...`."""
     parser = _Parser(
         prog="epg prepare",
-        description="Turn an image tree into WebDataset shards of ADM center crops (METHOD.md §7). "
+        description="Turn an image tree into WebDataset shards of ADM center crops (method.md §7). "
         "`epg prepare demo OUT` builds the embedded MNIST demo set instead.",
     )
     parser.add_argument(

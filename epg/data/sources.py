@@ -40,7 +40,7 @@ def _images_below(folder: Path) -> list[str]:
 
 
 def _sample_keys(rel_paths: list[str]) -> list[str]:
-    """Keys that keep the file name (METHOD.md §7) when stems are unique, else the relative path; no dots."""
+    """Keys that keep the file name (method.md §7) when stems are unique, else the relative path; no dots."""
     stems = [Path(p).stem for p in rel_paths]
     if len(set(stems)) < len(stems):
         stems = [str(Path(p).with_suffix("")).replace(os.sep, "_") for p in rel_paths]

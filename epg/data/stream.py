@@ -1,4 +1,4 @@
-"""The training stream of EPGDataModule: a pure function of (seed, epoch, rank, stream, position) (METHOD.md §7).
+"""The training stream of EPGDataModule: a pure function of (seed, epoch, rank, stream, position) (method.md §7).
 
 Per rank, an epoch has ``batches_per_epoch`` batches of ``batch_size`` samples. With W DataLoader workers (W = 1
 without), batch j of the epoch comes from stream s = j mod W, samples (j // W)·batch_size onwards. Stream

@@ -1,4 +1,4 @@
-"""Per-sample transforms of METHOD.md §7: PIL image in, normalized float32 (3, H, W) tensors out."""
+"""Per-sample transforms of method.md §7: PIL image in, normalized float32 (3, H, W) tensors out."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ BLUR_RADIUS = (0.1, 2.0)
 
 
 def _fit(image: Image.Image, image_size: int) -> Image.Image:
-    """The stored image as RGB, ADM-center-cropped (METHOD.md §7) only when it is not image_size²."""
+    """The stored image as RGB, ADM-center-cropped (method.md §7) only when it is not image_size²."""
     image = image.convert("RGB")
     return image if image.size == (image_size, image_size) else adm_center_crop(image, image_size)
 
 
 def _to_model_space(image: Image.Image | torch.Tensor, normalization: str) -> torch.Tensor:
-    """uint8 PIL image or (3, H, W) uint8 tensor -> normalized float32 (METHOD.md §1.1)."""
+    """uint8 PIL image or (3, H, W) uint8 tensor -> normalized float32 (method.md §1.1)."""
     pixels = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
     return normalize(pixels.float().div_(255), normalization)
 
@@ -30,7 +30,7 @@ def _maybe_flip(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
 
 
 class RandomGaussianBlur:
-    """PIL Gaussian blur with radius ~ U[0.1, 2], applied with probability p (the BYOL blur of METHOD.md §7)."""
+    """PIL Gaussian blur with radius ~ U[0.1, 2], applied with probability p (the BYOL blur of method.md §7)."""
 
     def __init__(self, p: float, radius: tuple[float, float] = BLUR_RADIUS) -> None:
         self.p, self.radius = p, radius
@@ -46,7 +46,7 @@ class RandomGaussianBlur:
 
 
 def byol_view(image_size: int, blur_p: float, solarize_p: float, hflip: bool = True) -> v2.Compose:
-    """One asymmetric BYOL view of METHOD.md §7 on a PIL image, ending in a uint8 (3, H, W) tensor."""
+    """One asymmetric BYOL view of method.md §7 on a PIL image, ending in a uint8 (3, H, W) tensor."""
     steps = [
         v2.RandomResizedCrop(
             image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=v2.InterpolationMode.BILINEAR
@@ -62,7 +62,7 @@ def byol_view(image_size: int, blur_p: float, solarize_p: float, hflip: bool = T
 
 
 class EvalTransform:
-    """Validation: the stored image, normalized; no flip (METHOD.md §7)."""
+    """Validation: the stored image, normalized; no flip (method.md §7)."""
 
     def __init__(self, image_size: int = 256, normalization: str = "imagenet") -> None:
         self.image_size, self.normalization = image_size, normalization
@@ -72,7 +72,7 @@ class EvalTransform:
 
 
 class FinetuneTransform(EvalTransform):
-    """Stage 2: random horizontal flip (p 0.5), to tensor, normalize; nothing else (METHOD.md §7).
+    """Stage 2: random horizontal flip (p 0.5), to tensor, normalize; nothing else (method.md §7).
 
     ``hflip=False`` turns the flip off, for data whose mirror image is another class (the demo digits).
     """
@@ -87,7 +87,7 @@ class FinetuneTransform(EvalTransform):
 
 
 class PretrainViews:
-    """Stage 1 (METHOD.md §3.1, §7): x0 = stored image with a random flip, plus the two asymmetric BYOL views.
+    """Stage 1 (method.md §3.1, §7): x0 = stored image with a random flip, plus the two asymmetric BYOL views.
 
     ``hflip=False`` turns every flip off (the demo digits).
     """
@@ -98,7 +98,7 @@ class PretrainViews:
         self.view2 = byol_view(image_size, blur_p=0.1, solarize_p=0.2, hflip=hflip)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = image.convert("RGB")  # the views are cut from the image as stored (METHOD.md §7)
+        image = image.convert("RGB")  # the views are cut from the image as stored (method.md §7)
         x0 = _to_model_space(_fit(image, self.image_size), self.normalization)
         x0 = _maybe_flip(x0) if self.hflip else x0
         v1 = _to_model_space(self.view1(image), self.normalization)

@@ -1,4 +1,4 @@
-"""Evaluation (METHOD.md §8): FID, sFID, IS, KID and precision/recall with a TF-compatible Inception-v3.
+"""Evaluation (method.md §8): FID, sFID, IS, KID and precision/recall with a TF-compatible Inception-v3.
 
 Modules, each importing only from those above it:
 

@@ -1,6 +1,6 @@
-"""In-loop FID: a Lightning callback that samples with the EMA weights every M steps and logs `val/fid` (METHOD.md §8).
+"""In-loop FID: a Lightning callback that samples with the EMA weights every M steps and logs `val/fid` (method.md §8).
 
-The paper's sampling script computes a quick in-loop FID for ablations only (METHOD.md §8); this is ours. It runs
+The paper's sampling script computes a quick in-loop FID for ablations only (method.md §8); this is ours. It runs
 every ``every_n_steps`` optimizer steps (in ``on_train_batch_end``, so it needs no validation loader and its
 cadence does not depend on ``val_check_interval``). Each rank samples the images i ≡ rank (mod world) of 0…K−1, each
 fixed by (seed, i), so the set does not depend on the number of devices, and feeds them to a torchmetrics FID
@@ -62,7 +62,7 @@ class InLoopFID(Callback):
         ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
         batch_size: images per sampling and Inception batch on each rank.
         log_grid: also log up to ``grid_size`` of rank 0's samples as an image, when the logger can.
-        sampling.labels: "balanced" (K/C per class, METHOD.md §6.4) or "random" (from the class frequencies in the
+        sampling.labels: "balanced" (K/C per class, method.md §6.4) or "random" (from the class frequencies in the
             dataset.json of the datamodule's ``train_shards``; uniform, with a note, when there is none).
         cache_dir: where a computed reference is cached (default: ``trainer.default_root_dir``).
     """
@@ -156,7 +156,7 @@ class InLoopFID(Callback):
 
     @staticmethod
     def _training_class_counts(trainer: L.Trainer) -> list[int] | None:
-        """The training shards' class counts for random labels (METHOD.md §6.4); None (uniform) without them."""
+        """The training shards' class counts for random labels (method.md §6.4); None (uniform) without them."""
         shards = getattr(trainer.datamodule, "train_shards", None)
         try:
             counts = read_class_counts(shards) if shards else None

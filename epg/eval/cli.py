@@ -1,4 +1,4 @@
-"""`epg fid`: weights | ref | calc | gen — offline Inception weights, reference statistics, scores (METHOD.md §8)."""
+"""`epg fid`: weights | ref | calc | gen — offline Inception weights, reference statistics, scores (method.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The metric math on Inception features and Gaussian statistics: FID, IS, KID, precision/recall (METHOD.md §8).
+"""The metric math on Inception features and Gaussian statistics: FID, IS, KID, precision/recall (method.md §8).
 
 Pure functions of arrays (torch-fidelity's formulas, plus an exact N×N form of the Fréchet distance for few samples);
 no images, no network, no reference files.

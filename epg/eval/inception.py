@@ -1,4 +1,4 @@
-"""The Inception feature extractor of `epg fid`: torch-fidelity's TF-compatible Inception-v3 (METHOD.md §8).
+"""The Inception feature extractor of `epg fid`: torch-fidelity's TF-compatible Inception-v3 (method.md §8).
 
 :class:`InceptionFeatures` gives pool_3 (FID, KID, precision/recall), ADM's sFID layer and, with torch-fidelity's
 original weights, the logits (IS); :func:`extract_features` runs it over an image source of :mod:`epg.eval.readers`.
@@ -97,7 +97,7 @@ def extract_features(
 ) -> Features:
     """Inception features of an image set; `resolution` (H, W), when given, must match the images.
 
-    ``crop_to`` ADM-center-crops images larger than that size to it first (METHOD.md §7), as the DataModule does
+    ``crop_to`` ADM-center-crops images larger than that size to it first (method.md §7), as the DataModule does
     when it trains at a lower resolution than the shards hold.
     """
     name = "the image array" if isinstance(source, np.ndarray) else str(source)

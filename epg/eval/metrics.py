@@ -1,4 +1,4 @@
-"""Scores of sample features against reference statistics: FID, sFID, IS, KID, precision/recall (METHOD.md §8).
+"""Scores of sample features against reference statistics: FID, sFID, IS, KID, precision/recall (method.md §8).
 
 :func:`compute_metrics` (named metrics) and :func:`score` (all a reference allows) combine the features of
 :mod:`epg.eval.inception`, the statistics of :mod:`epg.eval.reference` and the math of :mod:`epg.eval.distances`.
@@ -78,7 +78,7 @@ def fid_to_reference(pool: np.ndarray, reference: ReferenceStats) -> float:
 
 
 def score(features: Features, reference: ReferenceStats, device: str = "cpu") -> dict[str, float]:
-    """Every metric the reference and the weights allow: FID, sFID, IS, KID, precision/recall (METHOD.md §8)."""
+    """Every metric the reference and the weights allow: FID, sFID, IS, KID, precision/recall (method.md §8)."""
     metrics = ["fid", *(["sfid"] if reference.mu_s is not None else [])]
     metrics += ["isc"] if features.logits is not None else []
     metrics += ["kid", "prc"] if reference.pool is not None else []

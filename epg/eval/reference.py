@@ -1,4 +1,4 @@
-"""Reference statistics of a real image set: pool_3 mu/sigma, sFID mu_s/sigma_s, pool_3 features (METHOD.md §8).
+"""Reference statistics of a real image set: pool_3 mu/sigma, sFID mu_s/sigma_s, pool_3 features (method.md §8).
 
 A reference file is an .npz with ADM's key names (``mu``, ``sigma``, ``mu_s``, ``sigma_s``; float64) plus
 ``pool_features`` (float32, N x 2048, for KID and precision/recall), ``resolution`` ([H, W]) and ``count``.
@@ -152,7 +152,7 @@ def cached_reference(
 ) -> ReferenceStats:
     """Reference statistics: a reference .npz as is; shards, a folder or an ADM .npz computed once and cached.
 
-    ``crop_to``: compute them on the images ADM-center-cropped to the training resolution (METHOD.md §7). The
+    ``crop_to``: compute them on the images ADM-center-cropped to the training resolution (method.md §7). The
     in-loop FID and the demo share the cache file (:func:`reference_cache`).
     """
     if source.endswith(".npz") and Path(source).is_file():

@@ -1,4 +1,4 @@
-"""FID against fixed reference statistics as a torchmetrics metric, summed over DDP ranks (METHOD.md §8).
+"""FID against fixed reference statistics as a torchmetrics metric, summed over DDP ranks (method.md §8).
 
 torchmetrics' ``FrechetInceptionDistance`` with the Inception of `epg fid`: torch-fidelity's TF-compatible
 ``inception-v3-compat`` with our offline weights, resizing like the TF graph (TF1 bilinear, so ``antialias=False``;

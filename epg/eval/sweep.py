@@ -1,4 +1,4 @@
-"""The library of `epg fid sweep` (METHOD.md §6, §8): in-memory sampling split over ranks, sweep rows and results.
+"""The library of `epg fid sweep` (method.md §6, §8): in-memory sampling split over ranks, sweep rows and results.
 
 Image i's noise and label depend only on (seed, i), as in `epg sample`; :func:`sample_images` is also the sampling of
 the in-loop FID (:mod:`epg.eval.callback`) and `epg demo`. A sweep's rows (one per CFG scale and EMA copy) live in
@@ -49,7 +49,7 @@ def sample_images(
     normalization: str = "imagenet",
     batch_size: int = 100,
 ) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) on the CPU for ``indices`` out of ``num``, each fixed by (seed, index) (METHOD.md §6).
+    """uint8 images (N, H, W, 3) on the CPU for ``indices`` out of ``num``, each fixed by (seed, index) (method.md §6).
 
     ``denoiser`` is a :class:`~epg.method.denoiser.Denoiser` in eval mode on its device; ``settings`` (default: Heun,
     no guidance, balanced labels, seed 0) decide the images: labels are class-balanced or random over the network's

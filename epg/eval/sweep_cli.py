@@ -1,11 +1,11 @@
-"""`epg fid sweep`: FID per (CFG scale, EMA copy) on few samples, the best setting, its full run (METHOD.md §6, §8).
+"""`epg fid sweep`: FID per (CFG scale, EMA copy) on few samples, the best setting, its full run (method.md §6, §8).
 
 Each setting samples ``--num`` images in memory (image i's noise and label depend only on (seed, i), as in
 `epg sample`), scores them against the reference and appends a row to ``OUT/sweep.json``; rerunning the same command
 skips the rows already there, so added scales or EMA copies cost only their own samples. The setting with the lowest
 FID is then optionally sampled ``--final-num`` times through `epg sample` (PNGs + ADM-style .npz, resumable) and
 scored with every metric the reference allows. ``--labels both`` reports class-balanced against random labels for
-that setting (METHOD.md §6.4: the 1.58 vs 1.70 question).
+that setting (method.md §6.4: the 1.58 vs 1.70 question).
 
 FID of few samples is biased upwards (by roughly a constant for a fixed N), so use the sweep to rank settings, and
 quote only the final run. The library (sampling, rows, results, plot) is :mod:`epg.eval.sweep`.

@@ -1,4 +1,4 @@
-"""Result tables of `epg fid`: one result, label modes side by side (METHOD.md §6.4), and a sweep's FID grid."""
+"""Result tables of `epg fid`: one result, label modes side by side (method.md §6.4), and a sweep's FID grid."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def format_results(results: dict[str, float]) -> str:
 
 
 def format_comparison(results: dict[str, dict]) -> str:
-    """Rows per mode (e.g. class-balanced vs random labels, METHOD.md §6.4), columns FID, sFID, IS, Prec, Rec, KID."""
+    """Rows per mode (e.g. class-balanced vs random labels, method.md §6.4), columns FID, sFID, IS, Prec, Rec, KID."""
     keys = [k for k in COLUMNS if any(k in row for row in results.values())]
     width = max([len("mode"), *(len(mode) for mode in results)])
     lines = [f"{'mode':<{width}}  " + "  ".join(f"{COLUMNS[k]:>8}" for k in keys)]

@@ -17,7 +17,7 @@ from epg.io import seed_from
 from epg.lightning.faults import NonFiniteLossError, NonFiniteWatch
 from epg.nn.flops import train_flops_per_image
 
-# The paper's fp16 GradScaler (METHOD.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
+# The paper's fp16 GradScaler (method.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
 DEFAULT_MAX_SKIPS = 100  # skipped fp16 steps in a row before a stop (the scale has then halved 100 times)
 OPTIMIZER_IMPLS = ("fused", "foreach")  # AdamW implementations (EPGModule.make_adamw)
 PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "backoff_factor": 0.5, "growth_interval": 1}
@@ -73,7 +73,7 @@ def log_sigma_buckets(module: L.LightningModule, sigma: torch.Tensor, weighted: 
 
 
 def write_stage1_file(path: str | os.PathLike, hparams: dict, state: dict, updates: int) -> None:
-    """Write a stage-1 hand-over file: hyper-parameters and the ``online.*`` weights of ``state`` (METHOD.md §3.9),
+    """Write a stage-1 hand-over file: hyper-parameters and the ``online.*`` weights of ``state`` (method.md §3.9),
     in the Lightning layout that :func:`epg.checkpoint.load_stage1_representation` reads (atomically)."""
     import lightning
 
@@ -90,7 +90,7 @@ def write_stage1_file(path: str | os.PathLike, hparams: dict, state: dict, updat
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
-    """Two AdamW groups: parameters whose name ends with one of ``no_decay`` get weight decay 0 (METHOD.md §4)."""
+    """Two AdamW groups: parameters whose name ends with one of ``no_decay`` get weight decay 0 (method.md §4)."""
     no_decay = tuple(no_decay)
     decay, plain = [], []
     for name, p in module.named_parameters():
@@ -106,8 +106,8 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str]
 class EPGModule(L.LightningModule):
     """Base module: counts applied (non-skipped) optimizer updates, which drive curricula, LR and EMA.
 
-    Under "16-mixed" a GradScaler may skip a step on inf/NaN gradients (METHOD.md §3.7); such a step does not
-    advance ``self.updates``, the LR schedule, the curricula or any EMA (METHOD.md §11). Subclasses implement
+    Under "16-mixed" a GradScaler may skip a step on inf/NaN gradients (method.md §3.7); such a step does not
+    advance ``self.updates``, the LR schedule, the curricula or any EMA (method.md §11). Subclasses implement
     :meth:`on_applied_update` and :meth:`lr_multiplier`.
 
     Without a grad scaler (32-true, bf16-mixed) a NaN/inf loss is an error instead: subclasses pass each step's loss
@@ -247,7 +247,7 @@ class EPGModule(L.LightningModule):
 
     # ---- gradient clipping (any optimizer, any precision) ----
     def grad_clip_value(self) -> float | None:
-        """Global-norm clip for the coming update, or None (subclasses: e.g. only after warm-up, METHOD.md §4)."""
+        """Global-norm clip for the coming update, or None (subclasses: e.g. only after warm-up, method.md §4)."""
         return None
 
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -322,7 +322,7 @@ class EPGModule(L.LightningModule):
 
     @property
     def watching_loss(self) -> bool:
-        """True under a Trainer without a grad scaler ("16-mixed" skips inf/NaN steps itself, METHOD.md §3.7)."""
+        """True under a Trainer without a grad scaler ("16-mixed" skips inf/NaN steps itself, method.md §3.7)."""
         return self._trainer is not None and self._grad_scaler() is None
 
     def watch_loss(

@@ -1,4 +1,4 @@
-"""Stage-2 LightningModule: end-to-end fine-tuning as a diffusion or a consistency model (METHOD.md §2.3, §4, §5)."""
+"""Stage-2 LightningModule: end-to-end fine-tuning as a diffusion or a consistency model (method.md §2.3, §4, §5)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 OBJECTIVES = ("diffusion", "consistency")
 LR_SCHEDULES = ("cosine", "steps")
-NO_DECAY = ("pos_embed", "cls_token")  # METHOD.md §4, §5.5
+NO_DECAY = ("pos_embed", "cls_token")  # method.md §4, §5.5
 # Submodules not checkpointed: the CM target is rebuilt as a copy of the online network on loading.
 UNSAVED = ("target_net.",)
 
@@ -56,10 +56,10 @@ class FinetuneModule(EPGModule):
     :meth:`load_from_checkpoint` loads) without ``init_from`` (see :func:`restoring_checkpoint`).
 
     Args:
-        preset: network preset (METHOD.md §2.4), e.g. "EPG-XL/16"; ``network`` overrides EPGConfig fields one by one.
+        preset: network preset (method.md §2.4), e.g. "EPG-XL/16"; ``network`` overrides EPGConfig fields one by one.
             The encoder's shape (image and patch size, width, depth, heads; the decoder depth follows) comes from
             ``init_from`` unless ``network`` sets it; the hyper-parameter ``network`` records what was taken.
-        objective: "diffusion" (METHOD.md §4) or "consistency" (§5).
+        objective: "diffusion" (method.md §4) or "consistency" (§5).
         loss: the objective's loss, e.g. ``{class_path: epg.method.objectives.ConsistencyLoss, init_args: {...}}``
             in a config (default: the objective's :class:`~epg.method.objectives.DiffusionLoss` or
             :class:`~epg.method.objectives.ConsistencyLoss` with the paper's values); it must fit ``objective``.
@@ -74,15 +74,15 @@ class FinetuneModule(EPGModule):
         ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
         normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
-            draw independently (METHOD.md §4), and a resumed run continues with the draws it would have made.
-        paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings (METHOD.md §4, §3.7).
+            draw independently (method.md §4), and a resumed run continues with the draws it would have made.
+        paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings (method.md §4, §3.7).
         max_consecutive_skips: under "16-mixed", stop with an error naming the steps once the grad scaler has skipped
             more than this many steps in a row (a loss that stays NaN/inf); 0 disables the limit.
         val_sigmas, val_seed: unshifted noise levels and seed of the validation denoising MSE.
         sample_every_n_val: log a sample grid of ``grid_size`` images every n-th validation (0: never).
         sampling: :class:`~epg.sampling.options.SamplingOptions` of the grid (sampler (None: the objective's, "heun"
             32 steps for the DM, "consistency" 1 step for the CM), steps, CFG scale ``cfg``, guidance ``interval``
-            (unshifted, applied as (lo·s_H, hi·s_H]; default the paper's (0.19, 1.61], METHOD.md §6.2; None: every
+            (unshifted, applied as (lo·s_H, hi·s_H]; default the paper's (0.19, 1.61], method.md §6.2; None: every
             level), labels, seed (fixes the grid's noise)); sampled with the first EMA copy.
         sample_sampler, sample_steps, sample_guidance, sample_guidance_interval, grid_seed: deprecated flat keys of
             ``sampling.sampler/steps/cfg/interval/seed``, accepted with a deprecation warning (checkpoints written
@@ -157,7 +157,7 @@ class FinetuneModule(EPGModule):
             raise ValueError(f"lr_milestones {lr_milestones} and lr_factors {lr_factors} must have the same length")
         cm = objective == "consistency"
         self.objective = objective
-        self.parameterization = self.loss.parameterization  # METHOD.md §1.5
+        self.parameterization = self.loss.parameterization  # method.md §1.5
         self.betas = tuple(betas) if betas is not None else ((0.9, 0.99) if cm else (0.9, 0.999))
         self.weight_decay = weight_decay if weight_decay is not None else (0.03 if cm else 0.01)
         self.lr_schedule = lr_schedule or ("steps" if cm else "cosine")
@@ -176,13 +176,13 @@ class FinetuneModule(EPGModule):
             if cm:
                 raise ValueError(
                     "the consistency objective needs init_from: its auxiliary loss runs the frozen stage-1 network "
-                    "(METHOD.md §5.4); pass a PretrainModule checkpoint or an RCM file"
+                    "(method.md §5.4); pass a PretrainModule checkpoint or an RCM file"
                 )
             rank_zero_warn(
                 "FinetuneModule: no init_from given, so the encoder starts from random weights "
-                "(the 'from scratch' ablation of METHOD.md §9.6)"
+                "(the 'from scratch' ablation of method.md §9.6)"
             )
-        # Sampling EMA copies start equal to the online weights after loading (METHOD.md §4).
+        # Sampling EMA copies start equal to the online weights after loading (method.md §4).
         self.ema_nets = nn.ModuleList([frozen_copy(self.net) for _ in ema_rates])
         # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2) and the frozen stage-1 network (§5.4).
         self.target_net = frozen_copy(self.net, train=True) if cm else None
@@ -213,7 +213,7 @@ class FinetuneModule(EPGModule):
             ) from err
         rank_zero_info(
             f"FinetuneModule: encoder initialised from {path}; decoder, class table and output layer are fresh "
-            "(METHOD.md §2.3)"
+            "(method.md §2.3)"
         )
 
     def denoiser(self, net: nn.Module | None = None) -> Denoiser:
@@ -248,7 +248,7 @@ class FinetuneModule(EPGModule):
         return warmup_steps_schedule(updates, hp.warmup_steps, hp.lr_milestones, hp.lr_factors)
 
     def grad_clip_value(self) -> float | None:
-        """Clip by global norm only once warm-up is over (METHOD.md §4)."""
+        """Clip by global norm only once warm-up is over (method.md §4)."""
         return self.grad_clip if self.grad_clip and self.updates >= self.hparams.warmup_steps else None
 
     def on_applied_update(self) -> None:
@@ -357,7 +357,7 @@ class FinetuneModule(EPGModule):
         """uint8 images (B, H, W, 3) of a batch of image indices (`epg predict`, :mod:`epg.lightning.predict`).
 
         Sampled by the one generate loop, :func:`epg.sampling.generate`, with the batch's settings and EMA copy, in
-        fp32 whatever the Trainer's precision unless the settings ask for autocast (METHOD.md §8).
+        fp32 whatever the Trainer's precision unless the settings ask for autocast (method.md §8).
         """
         net = self.net if batch.ema is None else self.ema_nets[batch.ema]
         with torch.autocast(self.device.type, enabled=False):

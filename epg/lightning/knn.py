@@ -75,7 +75,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def cls_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """h = LN(x_L[CLS]) of the encoder on clean normalized images at time σ'_0 = s_H·σ_min (METHOD.md §2.1, §3.4).
+    """h = LN(x_L[CLS]) of the encoder on clean normalized images at time σ'_0 = s_H·σ_min (method.md §2.1, §3.4).
 
     No noise is added: σ'_0·ε is below 1e-2 of the data scale, and leaving it out makes the check deterministic.
     """
@@ -175,7 +175,7 @@ def knn_accuracies(
     return results
 
 
-# ---- PretrainModule's validation (METHOD.md §3.9 check) -------------------------------------------------------------
+# ---- PretrainModule's validation (method.md §3.9 check) -------------------------------------------------------------
 def training_bank_loader(trainer, bank_size: int | None, seed: int, rank: int) -> Iterable | None:
     """This rank's ``(x, y)`` batches of the k-NN memory bank: a ``seed``-ed subset of about ``bank_size`` images of
     the trainer's datamodule's training shards (None: all); None without a datamodule that has ``train_shards``."""
@@ -220,7 +220,7 @@ def bank_accuracy(
 def log_view_grid(module, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
     """An image grid of the first ``count`` crops x0 and their two augmented views, for loggers that take images
     (TensorBoard: ``train/views``), on rank 0. Rows: x0 (the consistency branch's clean crop), view 1, view 2 (the
-    contrastive branch's inputs before noise, METHOD.md §3.4, §7)."""
+    contrastive branch's inputs before noise, method.md §3.4, §7)."""
     if not module.trainer.is_global_zero or module.logger is None:
         return
     experiment = getattr(module.logger, "experiment", None)

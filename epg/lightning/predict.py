@@ -1,4 +1,4 @@
-"""`epg predict`: `epg sample` as a Lightning prediction run (METHOD.md §6, §8).
+"""`epg predict`: `epg sample` as a Lightning prediction run (method.md §6, §8).
 
 ``epg predict -c CONFIG --ckpt_path CKPT [--sample.num 50000 --sample.cfg 2.5 ...]`` builds the config's Trainer and
 FinetuneModule, restores the checkpoint and runs ``trainer.predict`` over the image indices still missing from the
@@ -71,7 +71,7 @@ class SampleWriter(BasePredictionWriter):
         sampler, steps: None picks the checkpoint objective's sampler (heun for a DM, consistency for a CM) and that
             sampler's step count (heun 32, consistency 1).
         cfg: classifier-free guidance scale w (None or 1: none); interval: its σ interval (unshifted; None: all).
-        labels: "balanced" (num/C per class in class order) or "random" (training frequencies, METHOD.md §6.4).
+        labels: "balanced" (num/C per class in class order) or "random" (training frequencies, method.md §6.4).
         label_counts: class frequencies of random labels: "auto" (the training shards the checkpoint records),
             training shards or their dataset.json, or "uniform".
         seed: image i depends only on (seed, i).

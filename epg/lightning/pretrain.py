@@ -1,6 +1,6 @@
-"""Stage 1: representation-consistency pre-training of the encoder + projector (METHOD.md §3).
+"""Stage 1: representation-consistency pre-training of the encoder + projector (method.md §3).
 
-Hand-over to stage 2 (METHOD.md §3.9): every checkpoint of this module (e.g. ``<run>/checkpoints/last.ckpt``) keeps
+Hand-over to stage 2 (method.md §3.9): every checkpoint of this module (e.g. ``<run>/checkpoints/last.ckpt``) keeps
 the online network under ``online.`` and the architecture in the ``preset``/``network`` hyper-parameters, which is
 what :func:`epg.checkpoint.load_stage1_representation` reads. ``export_path`` additionally writes a slim file with
 only those parts at the end of ``fit`` (or call :meth:`PretrainModule.export_stage1`).
@@ -36,26 +36,26 @@ from epg.nn.presets import NetworkOptions, network_overrides
 
 
 class PretrainModule(EPGModule):
-    """Online encoder + projector trained by contrastive + representation-consistency InfoNCE (METHOD.md §3).
+    """Online encoder + projector trained by contrastive + representation-consistency InfoNCE (method.md §3).
 
     The loss, with its temperatures and curriculum, is ``loss`` (:class:`~epg.method.objectives.RCMLoss`); this
     module holds the networks, the optimizer, the target EMA, the seeds, logging and the k-NN check.
 
     Args:
         preset: architecture (e.g. "RCM-B/16", "RCM-L/16", "RCM-B/32", or a CPU preset such as "EPG-T/4").
-        network: EPGConfig fields overriding the preset's, one by one, e.g. ``{"proj_out": 768}`` (METHOD.md §10.1).
+        network: EPGConfig fields overriding the preset's, one by one, e.g. ``{"proj_out": 768}`` (method.md §10.1).
         loss: the stage-1 loss (default: ``RCMLoss()``, the released config's values); in a config
             ``{class_path: epg.method.objectives.RCMLoss, init_args: {...}}``.
-        lr: peak AdamW learning rate; 6e-4 [script], the config's 2e-4 is the alternative (METHOD.md §10.1).
-        weight_decay, betas: AdamW, decay on all parameters (METHOD.md §3.7).
+        lr: peak AdamW learning rate; 6e-4 [script], the config's 2e-4 is the alternative (method.md §10.1).
+        weight_decay, betas: AdamW, decay on all parameters (method.md §3.7).
         warmup_steps, total_steps: linear warmup then cosine to 0; total_steps is also the curriculum's K and, under
             EPGCLI, the run's length (``trainer.max_steps`` defaults to it).
-        target_momentum: EMA momentum of the target network, constant (METHOD.md §3.5).
-        target_bn_train_mode: run the target in train mode (MoCo-v3 batch statistics) instead of eval (METHOD.md §10.2).
+        target_momentum: EMA momentum of the target network, constant (method.md §3.5).
+        target_bn_train_mode: run the target in train mode (MoCo-v3 batch statistics) instead of eval (method.md §10.2).
         knn_k, knn_temperature, knn_bank_size: the k-NN check of ``validate`` (:mod:`epg.lightning.knn`): the val
             images are the queries, the memory bank holds about ``knn_bank_size`` training images (a fixed subset of
             whole shards, seeded by ``seed``; None: the whole train split, the DINO protocol).
-        normalization: pixel normalization of the data (stored for reference; METHOD.md §1.1).
+        normalization: pixel normalization of the data (stored for reference; method.md §1.1).
         seed: seeds the pair index (per step) and the noise (per batch and rank), so a resumed run continues exactly.
         paper_grad_scaler: under "16-mixed", use the paper's GradScaler settings instead of Lightning's.
         max_consecutive_skips: under "16-mixed", stop with an error naming the steps once the grad scaler has skipped
@@ -113,7 +113,7 @@ class PretrainModule(EPGModule):
 
     # ---- modes, schedules, draws ----
     def train(self, mode: bool = True) -> PretrainModule:
-        """Like nn.Module.train, but the target stays in eval mode unless ``target_bn_train_mode`` (METHOD.md §3.5)."""
+        """Like nn.Module.train, but the target stays in eval mode unless ``target_bn_train_mode`` (method.md §3.5)."""
         super().train(mode)
         if not self.hparams.target_bn_train_mode:
             self.target.eval()
@@ -128,11 +128,11 @@ class PretrainModule(EPGModule):
         return warmup_cosine(updates, self.hparams.warmup_steps, self.hparams.total_steps)
 
     def num_scales_at(self, updates: int) -> int:
-        """N(k) of the curriculum after ``updates`` applied optimizer updates (METHOD.md §3.2)."""
+        """N(k) of the curriculum after ``updates`` applied optimizer updates (method.md §3.2)."""
         return self.loss.num_scales(updates, self.hparams.total_steps)
 
     def draw_pair_index(self, step: int, n_scales: int) -> int:
-        """n ~ U{0, …, N−2}, seeded by (seed, step) and broadcast from rank 0 (METHOD.md §3.3)."""
+        """n ~ U{0, …, N−2}, seeded by (seed, step) and broadcast from rank 0 (method.md §3.3)."""
         return self.loss.draw_pair_index(n_scales, seeded_generator(self.hparams.seed, step, 0), self.device)
 
     def noise_like(self, x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -141,7 +141,7 @@ class PretrainModule(EPGModule):
         return self.loss.noise_like(x, seeded_generator(self.hparams.seed, batch, 1, rank, device=x.device))
 
     def consistency_tau(self, sigma_a: float, updates: int) -> float:
-        """τ_r for the unshifted noisier level σ_a after ``updates`` applied updates (METHOD.md §3.6)."""
+        """τ_r for the unshifted noisier level σ_a after ``updates`` applied updates (method.md §3.6)."""
         return self.loss.consistency_tau(sigma_a, updates, self.hparams.total_steps)
 
     def compute_losses(self, x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r) -> dict[str, torch.Tensor]:
@@ -201,7 +201,7 @@ class PretrainModule(EPGModule):
             self.export_stage1(self.hparams.export_path)
 
     def export_stage1(self, path: str | os.PathLike) -> None:
-        """Write the hand-over file (hyper-parameters + ``online.*`` weights) for stage 2 (METHOD.md §3.9)."""
+        """Write the hand-over file (hyper-parameters + ``online.*`` weights) for stage 2 (method.md §3.9)."""
         write_stage1_file(path, dict(self.hparams), self.state_dict(), self.updates)
 
     # ---- validation: k-NN accuracy of CLS features ----

@@ -1,4 +1,4 @@
-"""Preconditioned denoiser D(x, σ') around a raw network F (METHOD.md §1.3, §1.5)."""
+"""Preconditioned denoiser D(x, σ') around a raw network F (method.md §1.3, §1.5)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ PARAMETERIZATIONS = ("x0", "edm")
 
 
 class Denoiser(nn.Module):
-    """D(x_noisy, σ', y) in data space from F(c_in·x, c_noise, y) with "x0" or "edm" output (METHOD.md §1.5).
+    """D(x_noisy, σ', y) in data space from F(c_in·x, c_noise, y) with "x0" or "edm" output (method.md §1.5).
 
     ``sigma`` is the actual noise std in the image, i.e. shifted units (up to s_H·σ_max = 320 at 256 px).
     """

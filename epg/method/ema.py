@@ -1,4 +1,4 @@
-"""Exponential moving averages of parameters with foreach ops (METHOD.md §3.5, §4, §5.2)."""
+"""Exponential moving averages of parameters with foreach ops (method.md §3.5, §4, §5.2)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 @torch.no_grad()
 def ema_update_(target: nn.Module, online: nn.Module, decay: float) -> None:
-    """θ⁻ ← m·θ⁻ + (1 − m)·θ over parameters only (buffers untouched, METHOD.md §3.5); m = 0 copies θ."""
+    """θ⁻ ← m·θ⁻ + (1 − m)·θ over parameters only (buffers untouched, method.md §3.5); m = 0 copies θ."""
     t_params = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):

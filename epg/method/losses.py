@@ -1,4 +1,4 @@
-"""InfoNCE with cross-rank negatives and the pseudo-Huber metric (METHOD.md §3.6, §5.4)."""
+"""InfoNCE with cross-rank negatives and the pseudo-Huber metric (method.md §3.6, §5.4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 
 def gather_local_first(keys: torch.Tensor) -> torch.Tensor:
-    """All-gather ``keys`` (B, C) from every rank without gradient, the local chunk first (METHOD.md §3.6).
+    """All-gather ``keys`` (B, C) from every rank without gradient, the local chunk first (method.md §3.6).
 
     Outside a process group this is the identity. Every rank must hold the same B.
     """
@@ -22,7 +22,7 @@ def gather_local_first(keys: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """Per-query NCE ℓ_i = logsumexp_j(q̂_i·k̂_j/τ) − q̂_i·k̂_i/τ, key i the positive of query i (METHOD.md §3.6).
+    """Per-query NCE ℓ_i = logsumexp_j(q̂_i·k̂_j/τ) − q̂_i·k̂_i/τ, key i the positive of query i (method.md §3.6).
 
     ``queries`` is the local (B, C) batch, ``keys`` (B_g, C) with the local chunk first (see
     :func:`gather_local_first`); keys are treated as constants. Computed in fp32. Returns (B,).
@@ -36,5 +36,5 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, tau: float | torch.Tenso
 
 
 def pseudo_huber(sq_dist: torch.Tensor, c: float) -> torch.Tensor:
-    """ℓ = s / √(sg(s) + c²) for a per-sample squared distance s; grad = 2·∇(√(s + c²) − c) (METHOD.md §5.4)."""
+    """ℓ = s / √(sg(s) + c²) for a per-sample squared distance s; grad = 2·∇(√(s + c²) − c) (method.md §5.4)."""
     return sq_dist / torch.sqrt(sq_dist.detach() + c**2)

@@ -1,4 +1,4 @@
-"""Pixel normalisations of METHOD.md §1.1 and their inverses."""
+"""Pixel normalisations of method.md §1.1 and their inverses."""
 
 from __future__ import annotations
 

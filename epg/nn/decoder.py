@@ -1,4 +1,4 @@
-"""The stage-2 decoder: adaLN blocks with U-ViT long skips from the encoder (METHOD.md §2.2)."""
+"""The stage-2 decoder: adaLN blocks with U-ViT long skips from the encoder (method.md §2.2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from epg.nn.layers import LayerNorm32, Mlp, make_attention, xavier_init_linears
 
 
 class DecoderBlock(nn.Module):
-    """Skip fusion LN_s(W_skip·[x; s]) followed by an adaLN-gated transformer block (METHOD.md §2.2).
+    """Skip fusion LN_s(W_skip·[x; s]) followed by an adaLN-gated transformer block (method.md §2.2).
 
     Built from timm's attention and MLP, but not on timm's ``Block``: that block has no adaLN modulation or skip
     fusion, and its ``proj_drop`` would also drop inside and after the MLP, where the official decoder drops only
@@ -35,7 +35,7 @@ class DecoderBlock(nn.Module):
 
 
 class EPGDecoder(nn.Module):
-    """Decoder over all encoder tokens; block j takes encoder block L−1−j's output (METHOD.md §2.2)."""
+    """Decoder over all encoder tokens; block j takes encoder block L−1−j's output (method.md §2.2)."""
 
     def __init__(
         self,
@@ -65,7 +65,7 @@ class EPGDecoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Stage-2 initialisation: Xavier Linears, zero adaLN and output layers (METHOD.md §2.3)."""
+        """Stage-2 initialisation: Xavier Linears, zero adaLN and output layers (method.md §2.3)."""
         xavier_init_linears(self)
         for block in self.decoder_blocks:
             nn.init.zeros_(block.adaLN_modulation[1].weight)

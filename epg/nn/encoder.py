@@ -1,4 +1,4 @@
-"""The ViT encoder shared by stage 1 and stage 2 (METHOD.md §2.1)."""
+"""The ViT encoder shared by stage 1 and stage 2 (method.md §2.1)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from epg.nn.layers import Block, LayerNorm32, PatchEmbed, timestep_embedding, xa
 
 
 class EPGEncoder(nn.Module):
-    """ViT on noisy pixels: [CLS]×T + time token + patches, learned absolute positions (METHOD.md §2.1)."""
+    """ViT on noisy pixels: [CLS]×T + time token + patches, learned absolute positions (method.md §2.1)."""
 
     def __init__(
         self,
@@ -34,7 +34,7 @@ class EPGEncoder(nn.Module):
         self.num_patches = (image_size // patch_size) ** 2
         self.num_prefix = num_cls_tokens + 1  # CLS tokens + the time token
         self.grad_checkpointing = grad_checkpointing
-        # timm's conv patchify, kernel = stride = p, 3 → D with bias, tokens row by row (METHOD.md §2.1).
+        # timm's conv patchify, kernel = stride = p, 3 → D with bias, tokens row by row (method.md §2.1).
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, num_cls_tokens, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + self.num_prefix, dim))
@@ -44,7 +44,7 @@ class EPGEncoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Stage-1 initialisation (METHOD.md §2.3)."""
+        """Stage-1 initialisation (method.md §2.3)."""
         xavier_init_linears(self, split_qkv=True)
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -82,6 +82,6 @@ class EPGEncoder(nn.Module):
         return self.norm(x), skips
 
     def representation(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        """h = LN_final(x_L[CLS_0]), the stage-1 feature (METHOD.md §2.1)."""
+        """h = LN_final(x_L[CLS_0]), the stage-1 feature (method.md §2.1)."""
         tokens, _ = self(x_in, c_noise)
         return tokens[:, 0]

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of a preset, for throughput/MFU reporting (METHOD.md §2.4, DiT convention)."""
+"""Analytic FLOP counts of a preset, for throughput/MFU reporting (method.md §2.4, DiT convention)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class FlopCount:
 
     @property
     def linear(self) -> float:
-        """Linear-layer MACs: the GFLOPs column of METHOD.md §2.4."""
+        """Linear-layer MACs: the GFLOPs column of method.md §2.4."""
         return self.encoder_linear + self.decoder_linear
 
     @property
@@ -57,7 +57,7 @@ def encoder_macs(preset: str | EPGConfig, **overrides) -> float:
 def train_flops_per_image(stage: str, preset: str | EPGConfig, **overrides) -> float:
     """FLOPs per image of one training step (1 MAC = 2 FLOPs; backward = 2× forward).
 
-    "finetune" (DM): one network pass with gradients. "pretrain" (METHOD.md §3.8): online passes on u1, u2 and x_a
+    "finetune" (DM): one network pass with gradients. "pretrain" (method.md §3.8): online passes on u1, u2 and x_a
     with gradients (3 × 3) plus the target on u1, u2 and the online x_b without (3): 12 encoder-pass equivalents.
     """
     if stage == "finetune":

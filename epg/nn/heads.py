@@ -1,4 +1,4 @@
-"""The stage-1 projector head (METHOD.md §2.1)."""
+"""The stage-1 projector head (method.md §2.1)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from epg.nn.layers import xavier_init_linears
 
 
 class Projector(nn.Sequential):
-    """Linear→BN→ReLU→Linear→BN→ReLU→Linear, no biases, no final BN (METHOD.md §2.1).
+    """Linear→BN→ReLU→Linear→BN→ReLU→Linear, no biases, no final BN (method.md §2.1).
 
     Indices 0, 3, 6 are the Linears and 1, 4 the BNs, as in the official `projection_head`. Convert to SyncBN
     with ``nn.SyncBatchNorm.convert_sync_batchnorm`` (Lightning's ``sync_batchnorm=True`` does it).
@@ -31,7 +31,7 @@ class Projector(nn.Sequential):
     def track_statistics(self, h: torch.Tensor) -> None:
         """Update the BN running statistics as a train-mode pass on ``h`` would (nothing in eval mode), skipping the
         output layer and the gradient: for inputs whose projection is unused but pass the projector in the official
-        step (METHOD.md §3.8 step 4)."""
+        step (method.md §3.8 step 4)."""
         if not self.training:
             return
         for layer in list(self)[:-1]:  # the output Linear does not feed a BN

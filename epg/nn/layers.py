@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the encoder and decoder (METHOD.md §2.1–§2.2).
+"""Transformer building blocks shared by the encoder and decoder (method.md §2.1–§2.2).
 
 The encoder's block and patch embedding, and the attention, MLP and fp32 LayerNorm of encoder and decoder, are timm's:
 with no qkv bias and a LayerNorm of eps 1e-5 they have the official state-dict keys and give the outputs of the
@@ -28,14 +28,14 @@ __all__ = [
 
 
 class LayerNorm32(LayerNormFp32):
-    """Affine LayerNorm computed in fp32 that returns the input dtype, eps 1e-5 (METHOD.md §2.1, §2.2)."""
+    """Affine LayerNorm computed in fp32 that returns the input dtype, eps 1e-5 (method.md §2.1, §2.2)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, **kwargs) -> None:
         super().__init__(dim, eps=eps, **kwargs)  # timm's default eps is 1e-6; the official model's is PyTorch's
 
 
 def timestep_embedding(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding [cos(c·f), sin(c·f)], f_k = exp(-ln(1e4)·k/(D/2)), no MLP (METHOD.md §1.6)."""
+    """Sinusoidal embedding [cos(c·f), sin(c·f)], f_k = exp(-ln(1e4)·k/(D/2)), no MLP (method.md §1.6)."""
     half = dim // 2
     k = torch.arange(half, device=c_noise.device, dtype=torch.float32)
     freqs = torch.exp(-math.log(10000.0) * k / half)
@@ -44,13 +44,13 @@ def timestep_embedding(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def make_attention(dim: int, num_heads: int, proj_drop: float = 0.0) -> Attention:
-    """timm's multi-head self-attention: no qkv bias, output projection with bias, dropout after it (METHOD.md §2.1)."""
+    """timm's multi-head self-attention: no qkv bias, output projection with bias, dropout after it (method.md §2.1)."""
     _check_heads(dim, num_heads)
     return _always_sdpa(Attention(dim, num_heads, qkv_bias=False, proj_drop=proj_drop))
 
 
 class Block(TimmBlock):
-    """timm's pre-norm ViT block: x += MHA(LN(x)); x += MLP(LN(x)), fp32 LayerNorms, no dropout (METHOD.md §2.1)."""
+    """timm's pre-norm ViT block: x += MHA(LN(x)); x += MLP(LN(x)), fp32 LayerNorms, no dropout (method.md §2.1)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         _check_heads(dim, num_heads)
@@ -70,7 +70,7 @@ def _always_sdpa(attn: Attention) -> Attention:
 
 
 def xavier_init_linears(module: nn.Module, split_qkv: bool = False) -> None:
-    """Xavier-uniform weights, zero biases for every Linear (METHOD.md §2.3).
+    """Xavier-uniform weights, zero biases for every Linear (method.md §2.3).
 
     With ``split_qkv`` (the stage-1 encoder) the fused qkv weight takes the bound of separate D×D matrices,
     U(±√(6/(2D))); the stage-2 rule is plain Xavier on every Linear.

@@ -1,4 +1,4 @@
-"""Whole networks: the stage-2 generator F(x_in, c_noise, y) and the stage-1 representation model (METHOD.md §2)."""
+"""Whole networks: the stage-2 generator F(x_in, c_noise, y) and the stage-1 representation model (method.md §2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from epg.nn.presets import EPGConfig, get_config
 
 
 def build_encoder(cfg: EPGConfig) -> EPGEncoder:
-    """The encoder of a config (METHOD.md §2.1)."""
+    """The encoder of a config (method.md §2.1)."""
     return EPGEncoder(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -27,7 +27,7 @@ def build_encoder(cfg: EPGConfig) -> EPGEncoder:
 
 
 class EPGNetwork(nn.Module):
-    """Stage-2 network F_θ(c_in·x, c_noise, y): encoder + decoder + shared class table (METHOD.md §2.1–§2.3)."""
+    """Stage-2 network F_θ(c_in·x, c_noise, y): encoder + decoder + shared class table (method.md §2.1–§2.3)."""
 
     def __init__(self, cfg: EPGConfig) -> None:
         super().__init__()
@@ -49,7 +49,7 @@ class EPGNetwork(nn.Module):
             drop=cfg.drop,
             grad_checkpointing=cfg.grad_checkpointing,
         )
-        # Row num_classes is the null label used for classifier-free guidance (METHOD.md §2.1).
+        # Row num_classes is the null label used for classifier-free guidance (method.md §2.1).
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.enc_dim) if cfg.num_classes else None
         if self.class_embed is not None:
             nn.init.normal_(self.class_embed.weight, std=0.02)
@@ -76,7 +76,7 @@ class EPGNetwork(nn.Module):
 
 
 class EPGRepresentation(nn.Module):
-    """Stage-1 model: encoder + projector; returns (z = g(h), h) (METHOD.md §2.1)."""
+    """Stage-1 model: encoder + projector; returns (z = g(h), h) (method.md §2.1)."""
 
     def __init__(self, cfg: EPGConfig) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Loading released EPG/RCM checkpoints (layout: shared/official_checkpoint_keys.txt; METHOD.md §2, §12)."""
+"""Loading released EPG/RCM checkpoints (layout: shared/official_checkpoint_keys.txt; method.md §2, §12)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def load_official_network(
 ) -> EPGNetwork:
     """An :class:`EPGNetwork` holding a released fine-tuned checkpoint's weights (EMA when the file has both)."""
     state = {official_to_epg_key(k): v for k, v in read_state_dict(source).items()}
-    overrides.setdefault("num_classes", _classes_from(state))  # the CM may be unconditional (METHOD.md §5.1)
+    overrides.setdefault("num_classes", _classes_from(state))  # the CM may be unconditional (method.md §5.1)
     network = build_network(preset, **overrides)
     load_into(network, state)
     return network.eval()

@@ -1,4 +1,4 @@
-"""Named model sizes: the paper's table rows (METHOD.md §2.4) and small presets for CPU work."""
+"""Named model sizes: the paper's table rows (method.md §2.4) and small presets for CPU work."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ class EPGConfig:
     num_cls_tokens: int = 1
     num_classes: int | None = 1000  # None: unconditional (no class table)
     mlp_ratio: float = 4.0
-    drop: float = 0.0  # decoder attention-output dropout (0 for the DM, 0.5 for the CM; METHOD.md §2.2)
-    proj_hidden: int = 4096  # stage-1 projector (METHOD.md §2.1, §10.1)
+    drop: float = 0.0  # decoder attention-output dropout (0 for the DM, 0.5 for the CM; method.md §2.2)
+    proj_hidden: int = 4096  # stage-1 projector (method.md §2.1, §10.1)
     proj_out: int = 256
     grad_checkpointing: bool = False
 
@@ -87,7 +87,7 @@ def _row(enc: tuple[int, int, int], dec: tuple[int, int, int], image_size: int, 
     )
 
 
-# Paper rows (METHOD.md §2.4): (blocks, width, heads) for encoder and decoder. Expected parameter counts
+# Paper rows (method.md §2.4): (blocks, width, heads) for encoder and decoder. Expected parameter counts
 # (decoder + encoder + class table) are asserted in tests/test_nn_presets.py.
 PRESETS: dict[str, EPGConfig] = {
     "EPG-L/16": _row((16, 1024, 16), (16, 1024, 16), 256, 16),  # 540.2M, FID 8.82 as a 1-step CM
@@ -104,7 +104,7 @@ PRESETS: dict[str, EPGConfig] = {
     ),
     "EPG-Nano/4": dataclasses.replace(_row((2, 32, 2), (2, 32, 2), 16, 4), num_classes=10, proj_hidden=64, proj_out=16),
 }
-# Stage-1 names for the encoders the paper released (METHOD.md §2.4: RCM-B on IN-256 and IN-512, RCM-L on IN-256).
+# Stage-1 names for the encoders the paper released (method.md §2.4: RCM-B on IN-256 and IN-512, RCM-L on IN-256).
 # RCM-B/16 and RCM-L/16 are the encoder part of a row (ALIASES); RCM-B/32, the B encoder at 512 px, is no row's
 # encoder (EPG-L/32 has the L one): it is RCM-B/16's body with 32-px patches (configs/pretrain/rcm_b32_in512.yaml).
 ALIASES = {"RCM-B/16": "EPG-XL/16", "RCM-L/16": "EPG-L/16"}
@@ -130,7 +130,7 @@ def get_config(preset: str | EPGConfig, **overrides) -> EPGConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-# What a stage-2 network takes from the stage-1 file it starts from (METHOD.md §2.3): the encoder's shape and the
+# What a stage-2 network takes from the stage-1 file it starts from (method.md §2.3): the encoder's shape and the
 # projector of the CM's frozen stage-1 copy (§5.4); the decoder depth follows, as each block takes one skip.
 ENCODER_FIELDS = (
     "image_size",

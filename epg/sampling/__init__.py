@@ -1,4 +1,4 @@
-"""Samplers for any :class:`~epg.method.denoiser.Denoiser` through one entry point, :func:`sample` (METHOD.md §6)."""
+"""Samplers for any :class:`~epg.method.denoiser.Denoiser` through one entry point, :func:`sample` (method.md §6)."""
 
 from epg.sampling.consistency import consistency
 from epg.sampling.entry import SAMPLERS, SampleResult, default_steps, sample, sampler_options

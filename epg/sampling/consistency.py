@@ -1,4 +1,4 @@
-"""Consistency-model sampling: one step, or the standard multistep form with chosen σ_mid (METHOD.md §6.5)."""
+"""Consistency-model sampling: one step, or the standard multistep form with chosen σ_mid (method.md §6.5)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from epg.sampling.guidance import GuidedDenoiser
 from epg.sampling.heun import Trajectory
 from epg.sampling.rng import Generators, randn_like
 
-# σ_mid for 2 steps, unshifted: ECT's CIFAR-10 choice (0.821); the EPG value is unknown (METHOD.md §6.5).
+# σ_mid for 2 steps, unshifted: ECT's CIFAR-10 choice (0.821); the EPG value is unknown (method.md §6.5).
 DEFAULT_SIGMA_MID = 0.821
 
 

@@ -1,4 +1,4 @@
-"""The one sampling entry point, :func:`sample`, over every sampler of METHOD.md §6."""
+"""The one sampling entry point, :func:`sample`, over every sampler of method.md §6."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def sample(
     keep_trajectory: bool = False,
     **options,
 ) -> torch.Tensor | SampleResult:
-    """Sample images in data (model) space from standard normal ``z`` of the output shape (METHOD.md §6).
+    """Sample images in data (model) space from standard normal ``z`` of the output shape (method.md §6).
 
     ``denoiser`` is a :class:`~epg.method.denoiser.Denoiser` (put it in eval mode); ``z`` is scaled here by
     s_H·σ_max. ``y``: (B,) labels or one int for all (None for unconditional networks). ``guidance``: a CFG scale

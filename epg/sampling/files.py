@@ -1,4 +1,4 @@
-"""Sample files: PNGs written atomically and the ADM-style ``<folder>.npz`` (METHOD.md §8)."""
+"""Sample files: PNGs written atomically and the ADM-style ``<folder>.npz`` (method.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one generate loop: images i of N from noise and labels fixed by (seed, i) (METHOD.md §6, §6.4, §8).
+"""The one generate loop: images i of N from noise and labels fixed by (seed, i) (method.md §6, §6.4, §8).
 
 `epg sample`, `epg predict`, `epg fid sweep`, the in-loop FID and the demo all turn indices into images here, with
 the settings that decide them travelling as one :class:`SampleSettings`.
@@ -21,7 +21,7 @@ from epg.sampling.per_image import class_labels, image_noise, loop_generators
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """Everything besides the network that decides image i (METHOD.md §6): sampler, guidance, labels, seed, ….
+    """Everything besides the network that decides image i (method.md §6): sampler, guidance, labels, seed, ….
 
     ``num_classes`` is the number of classes labels are drawn from (None: the network's; no labels for an
     unconditional network); ``class_counts`` are the training frequencies of random labels (None: uniform, §6.4);
@@ -41,7 +41,7 @@ class SampleSettings:
 
 
 def image_labels(denoiser: nn.Module, indices: Sequence[int], num: int, settings: SampleSettings) -> np.ndarray | None:
-    """Class labels of images ``indices`` out of ``num`` (METHOD.md §6.4); None for an unconditional network."""
+    """Class labels of images ``indices`` out of ``num`` (method.md §6.4); None for an unconditional network."""
     num_classes = settings.num_classes or denoiser.null_label
     if num_classes is None:
         return None

@@ -1,4 +1,4 @@
-"""Guided, clamped denoiser evaluations for the samplers: CFG with an interval and autoguidance (METHOD.md §6.1, §6.2).
+"""Guided, clamped denoiser evaluations for the samplers: CFG with an interval and autoguidance (method.md §6.1, §6.2).
 
 Every evaluation counts its network calls per sample, so a sampler's NFE is known without touching the device.
 """
@@ -90,7 +90,7 @@ class GuidedDenoiser:
             out = self.denoiser.output(x, s, self._raw(self.denoiser, x, s, self.y))
             self.nfe += 1
         elif self.guidance.kind == "cfg":
-            # One batched call for the conditional and unconditional halves (METHOD.md §6.2).
+            # One batched call for the conditional and unconditional halves (method.md §6.2).
             raw_c, raw_u = self._raw(self.denoiser, torch.cat([x, x]), torch.cat([s, s]), self._y_pair).chunk(2)
             out = self.denoiser.output(x, s, torch.lerp(raw_u, raw_c, self.guidance.scale))
             self.nfe += 2

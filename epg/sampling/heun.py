@@ -1,4 +1,4 @@
-"""Deterministic ODE samplers on the shifted Karras grid: Heun (the paper's) and Euler (METHOD.md §6.1, §6.3)."""
+"""Deterministic ODE samplers on the shifted Karras grid: Heun (the paper's) and Euler (method.md §6.1, §6.3)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ Trajectory = list[tuple[float, torch.Tensor]]
 def heun(
     fn: GuidedDenoiser, z: torch.Tensor, *, steps: int = 32, append_zero: bool = False, record: Trajectory | None = None
 ) -> torch.Tensor:
-    """Heun from x = s_H·σ_max·z over ``steps`` levels (METHOD.md §6.1).
+    """Heun from x = s_H·σ_max·z over ``steps`` levels (method.md §6.1).
 
     Code form (default): the grid ends at σ'_min, no final denoise, 2·(steps−1) = 62 evaluations at 32 steps.
     ``append_zero``: EDM form with σ = 0 appended and a final Euler step, 2·steps − 1 = 63 evaluations (§6.3).
@@ -27,14 +27,14 @@ def heun(
 def euler(
     fn: GuidedDenoiser, z: torch.Tensor, *, steps: int = 50, append_zero: bool = False, record: Trajectory | None = None
 ) -> torch.Tensor:
-    """First-order Euler over the same grid (the official config default is 50 steps; METHOD.md §6.1)."""
+    """First-order Euler over the same grid (the official config default is 50 steps; method.md §6.1)."""
     return _solve(fn, z, steps, append_zero, record, second_order=False)
 
 
 def _solve(
     fn: GuidedDenoiser, z: torch.Tensor, steps: int, append_zero: bool, record: Trajectory | None, second_order: bool
 ) -> torch.Tensor:
-    """The deterministic PF-ODE loop shared by Heun and Euler: d = (x − x̂0)/σ' (METHOD.md §6.1)."""
+    """The deterministic PF-ODE loop shared by Heun and Euler: d = (x − x̂0)/σ' (method.md §6.1)."""
     sigmas = sampling_sigmas(fn.shift, steps, append_zero)
     x = z * sigmas[0]
     for s_cur, s_next in pairwise(sigmas):

@@ -1,7 +1,7 @@
 """The one sample-grid maker: FinetuneModule's logged grid, the demo's class grid PNG and InLoopFID's grid.
 
 :func:`sample_grid` samples images 0…n−1 with per-image noise fixed by (settings.seed, i) (as the generate loop,
-METHOD.md §6) and labels either cycling over the classes or ``per_class`` rows of one class each, and tiles them;
+method.md §6) and labels either cycling over the classes or ``per_class`` rows of one class each, and tiles them;
 :func:`pick_grid` tiles a spread of already-sampled uint8 images (InLoopFID's samples). Both tile with
 :func:`tile` (torchvision's make_grid, 2 px padding), so a grid looks the same wherever it is made.
 """

@@ -1,4 +1,4 @@
-"""One YAML/CLI-friendly sampling options object for every surface that samples (METHOD.md §6, §6.2, §6.4).
+"""One YAML/CLI-friendly sampling options object for every surface that samples (method.md §6, §6.2, §6.4).
 
 :class:`SamplingOptions` is what a config or a command line declares (sampler, steps, CFG scale, guidance interval,
 labels, seed); :meth:`SamplingOptions.settings` turns it into the :class:`~epg.sampling.generate.SampleSettings` that
@@ -29,7 +29,7 @@ from epg.sampling.grid import GUIDANCE_INTERVAL
 from epg.sampling.guidance import Guidance, as_guidance
 from epg.sampling.per_image import LABEL_MODES
 
-# "bf16"/"fp16"/"none" → the autocast dtype of sampling (None: fp32, METHOD.md §8); the one map of the package.
+# "bf16"/"fp16"/"none" → the autocast dtype of sampling (None: fp32, method.md §8); the one map of the package.
 AUTOCAST: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Sentinel of a legacy interval key left at its default (None there means "every level").
 DEFAULT_INTERVAL = "default"
@@ -44,7 +44,7 @@ class SamplingOptionsError(ValueError):
 
 
 def parse_interval(value: str | Sequence[float] | None, what: str = "interval") -> tuple[float, float] | None:
-    """A CFG σ interval (unshifted, METHOD.md §6.2) from "lo,hi", "none"/None (every level), "default" (the
+    """A CFG σ interval (unshifted, method.md §6.2) from "lo,hi", "none"/None (every level), "default" (the
     paper's) or a pair of numbers; raises SamplingOptionsError otherwise."""
     if value is None:
         return None
@@ -107,7 +107,7 @@ def settings_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 @dataclass
 class SamplingOptions:
-    """How to sample, as a config or command line declares it (METHOD.md §6).
+    """How to sample, as a config or command line declares it (method.md §6).
 
     Args:
         sampler: "heun", "euler", "stochastic" or "consistency" (None: the objective's or checkpoint's default).

@@ -39,7 +39,7 @@ def class_labels(
     seed: int,
     class_counts: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Labels of images ``indices`` out of ``num`` (METHOD.md §6.4).
+    """Labels of images ``indices`` out of ``num`` (method.md §6.4).
 
     ``balanced``: image i gets class ⌊i·C/num⌋, i.e. num/C consecutive images per class in class order (exact when C
     divides num, else counts differ by at most one). ``random``: one draw per image seeded by (seed, i), from the

@@ -1,4 +1,4 @@
-"""The EDM stochastic sampler (Karras et al. 2022, Algorithm 2) on the shifted grid (METHOD.md §6.1)."""
+"""The EDM stochastic sampler (Karras et al. 2022, Algorithm 2) on the shifted grid (method.md §6.1)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def edm_stochastic(
 ) -> torch.Tensor:
     """Heun with churn: before each step raise σ'_i to σ̂ = (1+γ)σ'_i by adding fresh noise, then step to σ'_{i+1}.
 
-    ``variant`` "official" is the official routine as METHOD.md §6.1 records it: the churn window [S_min, S_max] is
+    ``variant`` "official" is the official routine as method.md §6.1 records it: the churn window [S_min, S_max] is
     compared with the *shifted* σ'_i as given (in unshifted units it is S_min/s_H … S_max/s_H), γ = min(S_churn/n,
     √2 − 1) with n the number of grid points, a noise draw on every step (churned or not), and no Heun correction on
     the last step: 2·(steps − 1) − 1 = 61 evaluations at 32 steps. "edm" is Algorithm 2 applied to the shifted

@@ -1,7 +1,7 @@
 """The training losses as small objects that own their hyper-parameters (the paper's values as defaults, given here
 only), noise draws and weights, selected in a config by ``class_path`` under ``model.init_args.loss``:
 
-- :class:`RCMLoss` (stage 1, METHOD.md §3), in :mod:`epg.method.objectives.rcm`;
+- :class:`RCMLoss` (stage 1, method.md §3), in :mod:`epg.method.objectives.rcm`;
 - :class:`DiffusionLoss` (stage 2 DM, §4), in :mod:`epg.method.objectives.diffusion`;
 - :class:`ConsistencyLoss` (stage 2 ECT CM, §5), in :mod:`epg.method.objectives.consistency`.
 

@@ -1,5 +1,5 @@
 """What the three losses share: the class-path spec they are configured and checkpointed by, the noise draw, and the
-map of the flat hyper-parameters of older configs and checkpoints onto the loss objects (METHOD.md §3–§5)."""
+map of the flat hyper-parameters of older configs and checkpoints onto the loss objects (method.md §3–§5)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class Objective:
 
 class FinetuneLoss(Objective):
     """A stage-2 loss (``DiffusionLoss`` or ``ConsistencyLoss``): ``objective`` names it in checkpoints and
-    ``parameterization`` is the denoiser output it trains (METHOD.md §1.5)."""
+    ``parameterization`` is the denoiser output it trains (method.md §1.5)."""
 
     parameterization: str = "x0"
 

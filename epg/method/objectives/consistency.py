@@ -1,5 +1,5 @@
 """Stage 2b: the ECT consistency (CM) loss: (t, r) pairs, ECT stage, pseudo-Huber metric, weight and the auxiliary
-InfoNCE of the frozen stage-1 network (METHOD.md §5.2–§5.4)."""
+InfoNCE of the frozen stage-1 network (method.md §5.2–§5.4)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ CM_WEIGHTINGS = ("inverse_gap", "inverse_gap_scaled")
 
 
 def consistency_weight(t: torch.Tensor, r: torch.Tensor, shift: float, weighting: str) -> torch.Tensor:
-    """w = 1/(t′ − r′) (0 where t′ = r′) for unshifted float64 (t, r), as float32 (METHOD.md §5.4).
+    """w = 1/(t′ − r′) (0 where t′ = r′) for unshifted float64 (t, r), as float32 (method.md §5.4).
 
     "inverse_gap" is the paper's w; "inverse_gap_scaled" multiplies it by √(t′² + σ_d²)/σ_d = 1/(σ_d·c_in(t′)), an
     option for short runs: the pseudo-Huber metric is essentially a norm, so the gradient reaching the network output
@@ -50,7 +50,7 @@ def shared_dropout_pair(
     r: torch.Tensor,
     y: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(D_θ(x_t, t′), sg[D_θ⁻(x_r, r′)]) with identical dropout masks in both passes (METHOD.md §5.2).
+    """(D_θ(x_t, t′), sg[D_θ⁻(x_r, r′)]) with identical dropout masks in both passes (method.md §5.2).
 
     The RNG state is forked around the online pass and restored for the target pass, so the target draws the same
     masks (both networks must be in train mode and call dropout in the same order on same-shaped tensors).
@@ -85,7 +85,7 @@ class ConsistencyTerms:
 
 
 class ConsistencyLoss(FinetuneLoss):
-    """The ECT loss mean(w·ℓ + aux_weight·ℓ_aux) of METHOD.md §5.3–§5.4; the defaults are the paper's.
+    """The ECT loss mean(w·ℓ + aux_weight·ℓ_aux) of method.md §5.3–§5.4; the defaults are the paper's.
 
     Args:
         p_mean, p_std: ln t ~ N(p_mean, p_std²), unshifted (§5.3).
@@ -124,7 +124,7 @@ class ConsistencyLoss(FinetuneLoss):
         self.huber_c, self.weighting, self.aux_weight, self.aux_tau = huber_c, weighting, aux_weight, aux_tau
 
     def stage(self, updates: int) -> int:
-        """The ECT stage a after ``updates`` applied optimizer updates (METHOD.md §5.3)."""
+        """The ECT stage a after ``updates`` applied optimizer updates (method.md §5.3)."""
         return ect_stage(updates, self.ect_d0, self.ect_d1, self.ect_delta)
 
     def __call__(

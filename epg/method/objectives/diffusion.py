@@ -1,4 +1,4 @@
-"""Stage 2a: the diffusion (DM) x0 loss with its σ draw and weights (METHOD.md §4)."""
+"""Stage 2a: the diffusion (DM) x0 loss with its σ draw and weights (method.md §4)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ DM_WEIGHTINGS = ("inverse_spacing", "edm", "uniform")
 
 
 def dm_loss_weight(index: torch.Tensor, n: int) -> torch.Tensor:
-    """w_i = 1/(σ_i − σ_{i+1}) on the unshifted N-grid, σ_N from the formula past its end (METHOD.md §4 step 4)."""
+    """w_i = 1/(σ_i − σ_{i+1}) on the unshifted N-grid, σ_N from the formula past its end (method.md §4 step 4)."""
     index = index.to(torch.float64)
     return 1.0 / (karras_sigma(index, n) - karras_sigma(index + 1, n)).to(index.device)
 
@@ -23,7 +23,7 @@ def dm_loss_weight(index: torch.Tensor, n: int) -> torch.Tensor:
 def diffusion_weight(index: torch.Tensor, sigma_shifted: torch.Tensor, weighting: str, n_grid: int) -> torch.Tensor:
     """Per-sample DM loss weight (B,) float32.
 
-    "inverse_spacing": 1/(σ_i − σ_{i+1}) on the unshifted grid (the paper, METHOD.md §4 step 4);
+    "inverse_spacing": 1/(σ_i − σ_{i+1}) on the unshifted grid (the paper, method.md §4 step 4);
     "edm": EDM's λ = (σ′² + σ_d²)/(σ′·σ_d)² in shifted units (an option for small-budget runs);
     "uniform": 1.
     """
@@ -48,7 +48,7 @@ class DiffusionTerms:
 
 
 class DiffusionLoss(FinetuneLoss):
-    """The DM x0 loss of METHOD.md §4; the defaults are the paper's.
+    """The DM x0 loss of method.md §4; the defaults are the paper's.
 
     Args:
         p_mean, p_std: ln σ ~ N(p_mean, p_std²), unshifted, snapped to the grid (§4 step 2).
@@ -73,7 +73,7 @@ class DiffusionLoss(FinetuneLoss):
     def __call__(
         self, denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> DiffusionTerms:
-        """Log-normal σ snapped to the N-grid, shifted noise, weight per ``weighting`` (METHOD.md §4).
+        """Log-normal σ snapped to the N-grid, shifted noise, weight per ``weighting`` (method.md §4).
 
         ``y`` already carries dropped labels (null label) from the data loader; the ``denoiser`` must use "x0" output.
         """

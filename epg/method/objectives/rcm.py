@@ -1,5 +1,5 @@
 """Stage 1: the representation-consistency (RCM) loss, contrastive + consistency InfoNCE on noisy pixels, with its
-curriculum, pair draw and temperatures (METHOD.md §3.2–§3.8)."""
+curriculum, pair draw and temperatures (method.md §3.2–§3.8)."""
 
 from __future__ import annotations
 
@@ -18,19 +18,19 @@ TAU_SCHEDULES = ("constant", "interpolated", "cosine")
 
 
 def represent(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """h of a stage-1 network for noisy images ``x`` at per-sample shifted levels ``sigma`` (METHOD.md §1.5, §3.4)."""
+    """h of a stage-1 network for noisy images ``x`` at per-sample shifted levels ``sigma`` (method.md §1.5, §3.4)."""
     return net.encoder.representation(x * c_in(sigma).to(x.dtype).view(-1, 1, 1, 1), c_noise(sigma))
 
 
 def contrastive_terms(
     z1: torch.Tensor, z2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, tau: float
 ) -> torch.Tensor:
-    """Per-sample NCE(z1 → k2) + NCE(z2 → k1) of the two views against the target's keys (METHOD.md §3.4, §3.6)."""
+    """Per-sample NCE(z1 → k2) + NCE(z2 → k1) of the two views against the target's keys (method.md §3.4, §3.6)."""
     return info_nce(z1, gather_local_first(k2), tau) + info_nce(z2, gather_local_first(k1), tau)
 
 
 def consistency_terms(h_a: torch.Tensor, h_b: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-sample NCE(h_a → sg[h_b]) between the adjacent noise levels σ_a > σ_b (METHOD.md §3.4, §3.6)."""
+    """Per-sample NCE(h_a → sg[h_b]) between the adjacent noise levels σ_a > σ_b (method.md §3.4, §3.6)."""
     return info_nce(h_a, gather_local_first(h_b), tau)
 
 
@@ -44,14 +44,14 @@ class RCMTerms:
 
 
 class RCMLoss(Objective):
-    """Contrastive + representation-consistency InfoNCE of METHOD.md §3; the defaults are the released config's.
+    """Contrastive + representation-consistency InfoNCE of method.md §3; the defaults are the released config's.
 
     Args:
-        tau_contrastive: τ_c of the contrastive term (METHOD.md §3.6).
+        tau_contrastive: τ_c of the contrastive term (method.md §3.6).
         tau_consistency: τ_r of the consistency term when ``tau_schedule`` is "constant".
         tau_schedule: "constant" (τ_r), "interpolated" (τ(σ_a) from tau_min to tau_max) or "cosine" (interpolated
-            with τ_max cosine-annealed from tau_start to tau_end) (METHOD.md §3.6; the paper's values are unknown).
-        curriculum_n0, curriculum_n1: N₀ and N₁ of the discretization curriculum (METHOD.md §3.2); its K is the
+            with τ_max cosine-annealed from tau_start to tau_end) (method.md §3.6; the paper's values are unknown).
+        curriculum_n0, curriculum_n1: N₀ and N₁ of the discretization curriculum (method.md §3.2); its K is the
             module's ``total_steps``.
     """
 
@@ -79,11 +79,11 @@ class RCMLoss(Objective):
 
     # ---- schedules and draws ----
     def num_scales(self, updates: int, total_steps: int) -> int:
-        """N(k) of the curriculum after ``updates`` applied updates of a ``total_steps`` run (METHOD.md §3.2)."""
+        """N(k) of the curriculum after ``updates`` applied updates of a ``total_steps`` run (method.md §3.2)."""
         return num_scales(updates, total_steps, self.curriculum_n0, self.curriculum_n1)
 
     def consistency_tau(self, sigma_a: float, updates: int, total_steps: int) -> float:
-        """τ_r for the unshifted noisier level σ_a after ``updates`` applied updates (METHOD.md §3.6)."""
+        """τ_r for the unshifted noisier level σ_a after ``updates`` applied updates (method.md §3.6)."""
         if self.tau_schedule == "constant":
             return self.tau_consistency
         tau_max = self.tau_max
@@ -93,7 +93,7 @@ class RCMLoss(Objective):
 
     @staticmethod
     def draw_pair_index(n_scales: int, generator: torch.Generator, device: torch.device | str = "cpu") -> int:
-        """n ~ U{0, …, N−2} from ``generator``, broadcast from rank 0 (METHOD.md §3.3)."""
+        """n ~ U{0, …, N−2} from ``generator``, broadcast from rank 0 (method.md §3.3)."""
         index = int(torch.randint(n_scales - 1, (1,), generator=generator))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             value = torch.tensor([index], device=device)  # on the device: NCCL broadcasts CUDA tensors only
@@ -103,7 +103,7 @@ class RCMLoss(Objective):
 
     @staticmethod
     def noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """ε ~ N(0, I) shaped like ``x``: one draw per sample for all four noisy inputs (METHOD.md §3.4)."""
+        """ε ~ N(0, I) shaped like ``x``: one draw per sample for all four noisy inputs (method.md §3.4)."""
         return gaussian_like(x, generator)
 
     # ---- the loss ----
@@ -124,7 +124,7 @@ class RCMLoss(Objective):
         sigma_0: float,
         tau_r: float,
     ) -> RCMTerms:
-        """Batch means of the contrastive and consistency terms and their sum (METHOD.md §3.4, §3.6, §3.8).
+        """Batch means of the contrastive and consistency terms and their sum (method.md §3.4, §3.6, §3.8).
 
         Shifted noise levels; ``eps`` is the one noise draw per sample shared by u1, u2, x_a and x_b.
         """
@@ -142,7 +142,7 @@ class RCMLoss(Objective):
         with torch.no_grad():
             h_b = self.represent(online, x_b, sig(sigma_b, b))  # key: online network, stop-gradient (§10.4)
             # The official online pass always ends in the projector, so x_a and x_b update its BN running
-            # statistics too (u1, u2, x_a, x_b: METHOD.md §3.8 step 4); the frozen auxiliary network of the CM uses
+            # statistics too (u1, u2, x_a, x_b: method.md §3.8 step 4); the frozen auxiliary network of the CM uses
             # them (§5.4). Their z is unused, so these passes need no gradient and no output layer.
             projector.track_statistics(h_a)
             projector.track_statistics(h_b)
