@@ -49,6 +49,33 @@ def image_labels(denoiser: nn.Module, indices: Sequence[int], num: int, settings
 
 
 @torch.no_grad()
+def sample_indices(
+    denoiser: nn.Module, indices: Sequence[int], y: torch.Tensor | None, settings: SampleSettings
+) -> torch.Tensor:
+    """The sampler's output (B, 3, H, W) for images ``indices`` with labels ``y`` (None: unconditional).
+
+    Image i's initial noise and in-loop sampler noise depend only on (settings.seed, i): the one place where
+    indices become samples, for :func:`generate` and the sample grids (:mod:`epg.sampling.image_grid`).
+    """
+    indices = [int(i) for i in indices]
+    device = next(denoiser.parameters()).device
+    size = denoiser.image_size
+    z = image_noise(settings.seed, indices, (3, size, size)).to(device)
+    return sample(
+        denoiser,
+        z,
+        None if y is None else y.to(device),
+        sampler=settings.sampler,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        clamp=settings.clamp,
+        autocast=settings.autocast,
+        generator=loop_generators(settings.seed, indices, device),
+        **settings.options,
+    )
+
+
+@torch.no_grad()
 def generate(
     denoiser: nn.Module, indices: Sequence[int], num: int, settings: SampleSettings, normalization: str = "imagenet"
 ) -> torch.Tensor:
@@ -58,25 +85,9 @@ def generate(
     label and in-loop sampler noise depend only on (seed, i), so any batching, resume or split over devices gives the
     same image (up to the rounding of batched kernels).
     """
-    indices = [int(i) for i in indices]
-    device = next(denoiser.parameters()).device
-    size = denoiser.image_size
-    z = image_noise(settings.seed, indices, (3, size, size)).to(device)
-    labels = image_labels(denoiser, indices, num, settings)
-    y = None if labels is None else torch.from_numpy(labels).to(device)
-    x = sample(
-        denoiser,
-        z,
-        y,
-        sampler=settings.sampler,
-        steps=settings.steps,
-        guidance=settings.guidance,
-        clamp=settings.clamp,
-        autocast=settings.autocast,
-        generator=loop_generators(settings.seed, indices, device),
-        **settings.options,
-    )
-    return to_uint8(x, normalization).cpu()
+    labels = image_labels(denoiser, [int(i) for i in indices], num, settings)
+    y = None if labels is None else torch.from_numpy(labels)
+    return to_uint8(sample_indices(denoiser, indices, y, settings), normalization).cpu()
 
 
 def generate_batches(

@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from epg.method.normalization import denormalize
-from epg.sampling.entry import sample
-from epg.sampling.generate import SampleSettings
-from epg.sampling.per_image import image_noise, loop_generators
+from epg.sampling.generate import SampleSettings, sample_indices
 
 
 def tile(pixels: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
@@ -50,24 +48,8 @@ def sample_grid(
     Image i starts from noise fixed by (settings.seed, i); its label is i mod C, or i // ``per_class`` (so each
     row of ``nrow = per_class`` shows one class). Unlike the generate loop the pixels are not rounded to uint8.
     """
-    device = next(denoiser.parameters()).device
-    size = denoiser.image_size
-    indices = list(range(count))
-    z = image_noise(settings.seed, indices, (3, size, size)).to(device)
     labels = grid_labels(count, settings.num_classes or denoiser.null_label, per_class)
-    y = None if labels is None else labels.to(device)
-    x = sample(
-        denoiser,
-        z,
-        y,
-        sampler=settings.sampler,
-        steps=settings.steps,
-        guidance=settings.guidance,
-        clamp=settings.clamp,
-        autocast=settings.autocast,
-        generator=loop_generators(settings.seed, indices, device),
-        **settings.options,
-    )
+    x = sample_indices(denoiser, range(count), labels, settings)
     pixels = denormalize(x.float(), normalization).clamp(0, 1).cpu()
     return tile(pixels, nrow or per_class)
 
