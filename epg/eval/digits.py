@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from epg.data.shards import expand_shards
+from epg.io import save_torch
 
 
 def read_shards(spec: str) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +98,5 @@ def load_or_train(train_shards: str, cache: str | os.PathLike) -> DigitClassifie
         return model.eval()
     images, labels = read_shards(train_shards)
     model = train_classifier(images, labels)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, cache)
+    save_torch(model.state_dict(), cache)
     return model

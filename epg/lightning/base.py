@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from epg.io import seed_from
+from epg.io import save_torch, seed_from
 from epg.lightning.faults import NonFiniteLossError, NonFiniteWatch
 from epg.nn.flops import train_flops_per_image
 
@@ -83,10 +83,7 @@ def write_stage1_file(path: str | os.PathLike, hparams: dict, state: dict, updat
         "state_dict": {k: v.detach().cpu() for k, v in state.items() if k.startswith("online.")},
         "epg_updates": updates,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch(payload, path)
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
