@@ -91,8 +91,39 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2, fsync
     write_text(path, json.dumps(data, indent=indent, **kwargs) + "\n", fsync)
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary siblings of ``path`` (``.NAME.tmp-PID``) whose writer no longer runs on this host.
+
+    A killed writer (SIGKILL, a lost node) never reaches its clean-up; with a process id in the name, the next
+    write would not reuse its file either, so a multi-GB half checkpoint would stay forever. A sibling whose process
+    is alive (or not ours to signal) is kept. Returns the files removed.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: the writer is gone
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with the glob metacharacters *, ? and [ escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def save_torch(obj: Any, path: str | os.PathLike, fsync: bool = False) -> None:
-    """``torch.save(obj)`` to ``path`` atomically."""
+    """``torch.save(obj)`` to ``path`` atomically, first removing what killed earlier writers of ``path`` left
+    (:func:`remove_stale_temporaries`: checkpoints are large and rewritten under the same name)."""
+    remove_stale_temporaries(path)
     with atomic_path(path, fsync) as tmp:
         torch.save(obj, tmp)
 

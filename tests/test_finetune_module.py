@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -225,12 +226,9 @@ def test_grid_guidance_interval_defaults_to_the_paper_and_none_guides_every_leve
     with pytest.raises(ValueError, match="interval"):
         make(stage1[0], sampling={"cfg": 3.0, "interval": (1.0, 0.5)})
     seen = []
-    import epg.sampling.image_grid
-
-    real_sample = epg.sampling.image_grid.sample
-    monkeypatch.setattr(
-        epg.sampling.image_grid, "sample", lambda *a, **k: seen.append(k["guidance"]) or real_sample(*a, **k)
-    )
+    loop = importlib.import_module("epg.sampling.generate")  # the module (epg.sampling.generate is the function)
+    real_sample = loop.sample
+    monkeypatch.setattr(loop, "sample", lambda *a, **k: seen.append(k["guidance"]) or real_sample(*a, **k))
     grid = module.sample_grid(ema=False)
     assert seen == [module.sampling.guidance]
     assert grid.shape == (3, 2 * 16 + 3 * 2, 2 * 16 + 3 * 2) and 0 <= grid.min() and grid.max() <= 1

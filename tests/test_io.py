@@ -56,3 +56,21 @@ def test_seeds_are_the_seedsequence_hash():
     assert io.seed_from(-1) == io.seed_from(2**64 - 1) and 0 <= io.seed_from(5) < 2**63
     assert list(io.seed_words(7, 9, count=3)) == list(np.random.SeedSequence([7, 9]).generate_state(3))
     assert io.seed_from(1, 2) != io.seed_from(2, 1)
+
+
+def test_save_torch_removes_what_killed_writers_left(tmp_path):
+    """A SIGKILLed writer leaves .NAME.tmp-PID behind; the next save of NAME removes it unless its process lives."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    target = tmp_path / "last.ckpt"
+    stale, alive = tmp_path / f".last.ckpt.tmp-{dead_pid}", tmp_path / f".last.ckpt.tmp-{os.getppid()}"
+    other = tmp_path / f".other.ckpt.tmp-{dead_pid}"
+    for f in (stale, alive, other):
+        f.write_bytes(b"half a checkpoint")
+    io.save_torch({"step": 1}, target)
+    assert torch.load(target)["step"] == 1
+    assert not stale.exists() and alive.exists() and other.exists()  # only this target's, only dead writers'
