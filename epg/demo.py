@@ -249,8 +249,8 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     from epg.eval.metrics import fid_to_reference
     from epg.eval.reference import cached_reference, compute_reference, load_reference, reference_cache
     from epg.eval.sweep import sample_images
+    from epg.sampling.generate import image_labels
     from epg.sampling.options import FINETUNE_LEGACY_KEYS, fold_legacy, legacy_values
-    from epg.sampling.per_image import class_labels
 
     torch.set_num_threads(opts.threads)
     device = _eval_device(opts)
@@ -276,7 +276,7 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     settings = options.settings(sampler, labels="balanced", seed=FID_SEED)
     batch = DEFAULTS[opts.device]["batch"]
     images = sample_images(denoiser, list(range(n)), n, settings, model.normalization, batch).numpy()
-    labels = class_labels(range(n), n, denoiser.null_label or 10, "balanced", FID_SEED)
+    labels = image_labels(denoiser, range(n), n, settings)  # the labels the generate loop gave the images
     results["sample_seconds"] = round(time.perf_counter() - t0, 1)
     _log(f"sampled {n} class-balanced images in {results['sample_seconds']}s", start)
 

@@ -19,6 +19,7 @@ Only the standard library, numpy and torch are imported, so every floor of the p
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -100,7 +101,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     removed = []
-    for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
         pid = tmp.name.rpartition("-")[2]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -113,11 +114,6 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         except PermissionError:  # alive, another user's
             pass
     return removed
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with the glob metacharacters *, ? and [ escaped."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def save_torch(obj: Any, path: str | os.PathLike, fsync: bool = False) -> None:
