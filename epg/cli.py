@@ -1,6 +1,7 @@
 """The one `epg` command: LightningCLI subcommands (fit/validate/predict) plus the tools.
 
-Tools are imported lazily so that `epg prepare --help` does not pay for importing Lightning.
+Tools are imported lazily so that `epg prepare --help` does not pay for importing Lightning; their front ends live
+in :mod:`epg.commands`.
 """
 
 from __future__ import annotations
@@ -8,14 +9,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-# subcommand -> (module, function, one-line help)
-TOOLS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("epg.data.prepare", "main", "turn an image tree (or the embedded demo digits) into WebDataset shards"),
-    "sample": ("epg.sample", "main", "write N samples (PNG + ADM .npz) from a checkpoint"),
-    "fid": ("epg.eval.cli", "main", "FID/IS/precision-recall: ref | gen | calc | weights | sweep"),
-    "convert": ("epg.convert", "main", "turn an official EPG checkpoint into a file epg commands accept"),
-    "bench": ("epg.bench", "main", "measure img/s, TFLOP/s and MFU; writes JSON"),
-    "demo": ("epg.demo", "main", "the whole pipeline on the embedded MNIST digits"),
+# tool -> one-line help; `epg NAME ARGS` runs epg.commands.NAME.main(ARGS)
+TOOLS: dict[str, str] = {
+    "prepare": "turn an image tree (or the embedded demo digits) into WebDataset shards",
+    "sample": "write N samples (PNG + ADM .npz) from a checkpoint",
+    "fid": "FID/IS/precision-recall: ref | gen | calc | weights | sweep",
+    "convert": "turn an official EPG checkpoint into a file epg commands accept",
+    "bench": "measure img/s, TFLOP/s and MFU; writes JSON",
+    "demo": "the whole pipeline on the embedded MNIST digits",
 }
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train (resumes from the run's last checkpoint)",
@@ -34,7 +35,7 @@ def _usage() -> str:
     lines = ["usage: epg <command> [options]", "", "training (LightningCLI; -c CONFIG.yaml):"]
     lines += [f"  {name:<10} {help_}" for name, help_ in LIGHTNING_SUBCOMMANDS.items()]
     lines += ["", "tools:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in TOOLS.items()]
+    lines += [f"  {name:<10} {help_}" for name, help_ in TOOLS.items()]
     return "\n".join(lines)
 
 
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in TOOLS:
-        module, func, _ = TOOLS[command]
-        result = getattr(importlib.import_module(module), func)(rest)
+        result = importlib.import_module(f"epg.commands.{command}").main(rest)
         return int(result or 0)
     if command in LIGHTNING_SUBCOMMANDS:
         return _run_lightning(command, rest)

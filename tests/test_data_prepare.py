@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from epg.commands.prepare import main
 from epg.data import prepare as prep
 from epg.data.shards import file_sha256
 
@@ -47,7 +48,7 @@ def _all_samples(out):
 def test_image_folder_tree(tmp_path, capsys):
     src = _tree(tmp_path / "src")
     out = tmp_path / "out"
-    assert prep.main([str(src), str(out), "--resolution", "16", "--shard-size", "5", "--workers", "1"]) == 0
+    assert main([str(src), str(out), "--resolution", "16", "--shard-size", "5", "--workers", "1"]) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     classes = json.loads((out / "classes.json").read_text())
     assert classes["classes"] == {"n01": 0, "n02": 1, "n03": 2}
@@ -76,7 +77,7 @@ def test_val_layout_with_loc_csv_and_text_labels(tmp_path):
     names.write_text("n01 tench, Tinca tinca\nn05 goldfish\nn09 shark\n")
     out = tmp_path / "out"
     args = [str(src), str(out), "--split", "val", "--labels", str(csv), "--resolution", "8", "--names", str(names)]
-    assert prep.main([*args, "--format", "jpg"]) == 0
+    assert main([*args, "--format", "jpg"]) == 0
     classes = json.loads((out / "classes.json").read_text())
     assert classes["classes"] == {"n01": 0, "n05": 1, "n09": 2} and classes["names"]["n01"] == "tench, Tinca tinca"
     samples = _all_samples(out)
@@ -91,7 +92,7 @@ def test_val_layout_with_loc_csv_and_text_labels(tmp_path):
     text.write_text("".join(f"{k}.JPEG {v}\n" for k, v in truth.items()))
     out2 = tmp_path / "out2"
     assert (
-        prep.main(
+        main(
             [
                 str(src),
                 str(out2),
@@ -110,7 +111,7 @@ def test_val_layout_with_loc_csv_and_text_labels(tmp_path):
     assert {k: int(s["cls"]) for k, s in _all_samples(out2).items()} == {k: int(s["cls"]) for k, s in samples.items()}
 
     out3 = tmp_path / "out3"  # LOC_val_solution.csv is found next to (above) the val folder
-    assert prep.main([str(src), str(out3), "--split", "val", "--resolution", "8"]) == 0
+    assert main([str(src), str(out3), "--split", "val", "--resolution", "8"]) == 0
     assert {k: int(s["cls"]) for k, s in _all_samples(out3).items()} == {k: int(s["cls"]) for k, s in samples.items()}
 
 
@@ -119,7 +120,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, capsys):
     bad = src / "n01" / "n01_broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     out = tmp_path / "out"
-    assert prep.main([str(src), str(out), "--resolution", "8", "--workers", "1"]) == 0
+    assert main([str(src), str(out), "--resolution", "8", "--workers", "1"]) == 0
     info = json.loads((out / "dataset.json").read_text())
     assert info["num_samples"] == 6 and info["num_skipped"] == 1 and info["skipped_files"] == [str(bad)]
     assert info["class_counts"]["n01"] == 2
@@ -141,7 +142,7 @@ def test_resume_skips_finished_shards_and_never_leaves_partial_ones(tmp_path, mo
 
     monkeypatch.setattr(prep, "encode_image", encode_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prep.main(args)
+        main(args)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert [len(_read(p)) for p in sorted(out.glob("*.tar"))] == [3, 3]
     assert not list(out.glob(".*tmp*")) and not (out / "dataset.json").exists()
@@ -153,23 +154,21 @@ def test_resume_skips_finished_shards_and_never_leaves_partial_ones(tmp_path, mo
     monkeypatch.setattr(
         prep, "write_shard", lambda path, samples: written.append(path.name) or real_write(path, samples)
     )
-    assert prep.main(args) == 0
+    assert main(args) == 0
     assert written == ["train-000002.tar", "train-000003.tar"]
     assert not list(out.glob(".*tmp*"))
     assert len(_all_samples(out)) == 12 and json.loads((out / "dataset.json").read_text())["num_samples"] == 12
 
     written.clear()
-    assert prep.main(args) == 0 and written == []  # everything finished: nothing rewritten
-    assert prep.main([*args[:-4], "--shard-size", "5", "--workers", "1"]) == 2  # other settings, same folder
+    assert main(args) == 0 and written == []  # everything finished: nothing rewritten
+    assert main([*args[:-4], "--shard-size", "5", "--workers", "1"]) == 2  # other settings, same folder
 
 
 def test_parallel_workers_give_the_same_shards(tmp_path):
     src = _tree(tmp_path / "src", per_class=3)
     for workers, name in ((1, "a"), (2, "b")):
         assert (
-            prep.main(
-                [str(src), str(tmp_path / name), "--resolution", "8", "--shard-size", "3", "--workers", str(workers)]
-            )
+            main([str(src), str(tmp_path / name), "--resolution", "8", "--shard-size", "3", "--workers", str(workers)])
             == 0
         )
     for shard in sorted((tmp_path / "a").glob("*.tar")):
@@ -191,13 +190,13 @@ def test_parallel_workers_give_the_same_shards(tmp_path):
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, make_args, message):
     (tmp_path / "empty").mkdir()
-    assert prep.main(make_args(tmp_path)) == 2
+    assert main(make_args(tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_help_exits_0(capsys):
-    assert prep.main(["--help"]) == 0
+    assert main(["--help"]) == 0
     assert "--resolution" in capsys.readouterr().out
 
 
@@ -218,7 +217,7 @@ def _prepared(tmp_path, per_class):
     src = _tree(tmp_path / "src", per_class=per_class)
     out = tmp_path / "out"
     args = [str(src), str(out), "--resolution", "8", "--shard-size", "3", "--workers", "1"]
-    assert prep.main(args) == 0
+    assert main(args) == 0
     return src, out, args, json.loads((out / "dataset.json").read_text())
 
 
@@ -238,12 +237,12 @@ def test_records_verify_and_repair(tmp_path, capsys, monkeypatch):
         assert record == {"samples": 3, "bytes": shard.stat().st_size, "sha256": file_sha256(shard)}
     original = {p.name: file_sha256(p) for p in shards}
     capsys.readouterr()
-    assert prep.main(["--verify", str(out)]) == 0
+    assert main(["--verify", str(out)]) == 0
     assert "4 shards intact, 12 samples decode" in capsys.readouterr().out
 
     truncate(shards[1])
     flip(shards[2], 600)  # the first sample's .cls header and data
-    assert prep.main(["--verify", str(out), "--workers", "2"]) == 1
+    assert main(["--verify", str(out), "--workers", "2"]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{shards[1]}: truncated to") and lines[0].endswith("of 3 samples lost")
     assert lines[1].startswith(f"{shards[2]}: contents differ from the record (sha256); tar stream has a damaged")
@@ -252,11 +251,11 @@ def test_records_verify_and_repair(tmp_path, capsys, monkeypatch):
     assert f"repair: epg prepare {src.resolve()} {out} --resolution 8 --split train" in lines[2]
 
     written = _record_writes(monkeypatch)
-    assert prep.main(args) == 0  # the same command repairs exactly the damaged shards
+    assert main(args) == 0  # the same command repairs exactly the damaged shards
     assert written == [shards[1].name, shards[2].name]
     assert {p.name: file_sha256(p) for p in shards} == original
     assert "truncated to" in capsys.readouterr().err
-    assert prep.main(["--verify", str(out)]) == 0
+    assert main(["--verify", str(out)]) == 0
 
 
 def test_output_of_an_earlier_version_is_adopted(tmp_path, capsys, monkeypatch):
@@ -267,11 +266,11 @@ def test_output_of_an_earlier_version_is_adopted(tmp_path, capsys, monkeypatch):
         report.write_text(json.dumps({k: v for k, v in old.items() if k not in ("bytes", "sha256")}))
     (out / "dataset.json").write_text(json.dumps({k: v for k, v in info.items() if k != "shard_records"}))
     capsys.readouterr()
-    assert prep.main(["--verify", str(out)]) == 0
+    assert main(["--verify", str(out)]) == 0
     assert "no per-shard records" in capsys.readouterr().out
 
     truncate(out / "train-000001.tar")
     written = _record_writes(monkeypatch)
-    assert prep.main(args) == 0
+    assert main(args) == 0
     assert written == ["train-000001.tar"]  # the damaged one; the intact ones are adopted
     assert json.loads((out / "dataset.json").read_text())["shard_records"] == info["shard_records"]

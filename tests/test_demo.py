@@ -1,4 +1,5 @@
-"""Smoke tests of `epg demo` (epg/demo.py) with tiny step counts: outputs, summary and the GPU configs on a CPU."""
+"""Smoke tests of `epg demo` (epg/commands/demo.py, epg/demo/) with tiny step counts: outputs, summary and the GPU
+configs on a CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from epg.demo import checkpoint_every, default_config_dir, main, run_length, schedule_args
+from epg.commands.demo import main
+from epg.demo.settings import default_config_dir
+from epg.demo.stages import checkpoint_every, run_length, schedule_args
 
 CONFIGS = default_config_dir()
 

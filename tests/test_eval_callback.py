@@ -16,8 +16,8 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from epg.commands.fid import main as fid_main
 from epg.eval.callback import InLoopFID
-from epg.eval.cli import main as fid_main
 from epg.eval.inception import InceptionFeatures, pool_features
 from epg.eval.inception_weights import ensure_inception_weights
 from epg.eval.metrics import fid_to_reference

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch_fidelity
 
-from epg.eval.cli import main
+from epg.commands.fid import main
 from epg.eval.distances import frechet_distance
 from epg.eval.inception import InceptionFeatures
 from epg.eval.inception_weights import ensure_inception_weights
@@ -128,6 +128,7 @@ def test_calc_errors_are_one_line(sets, tmp_path, capsys):
 
 def test_gen_forwards_to_epg_sample(monkeypatch):
     seen = []
-    monkeypatch.setitem(sys.modules, "epg.sample", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0)
+    monkeypatch.setitem(sys.modules, "epg.commands.sample", fake)
     assert main(["gen", "--ckpt", "x.ckpt", "--num", "8"]) == 0
     assert seen == [["--ckpt", "x.ckpt", "--num", "8"]]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from epg.commands.fid import main
 from epg.eval import sweep
-from epg.eval.cli import main
 from epg.eval.distances import frechet_distance, frechet_to_stats, statistics
 from epg.eval.errors import EvalInputError
 from epg.eval.sweep import ema_choices, rank_indices, sample_images

@@ -49,7 +49,7 @@ def test_missing_fid_helper_says_what_to_install(monkeypatch, tmp_path):
 
 
 def test_inception_score_with_converted_weights_is_refused(weights, capsys):
-    from epg.eval.cli import main
+    from epg.commands.fid import main
     from epg.eval.errors import LogitsUnavailableError
     from epg.eval.inception import InceptionFeatures
 
@@ -63,7 +63,7 @@ def test_inception_score_with_converted_weights_is_refused(weights, capsys):
 
 
 def test_weights_command(weights, capsys):
-    from epg.eval.cli import main
+    from epg.commands.fid import main
 
     assert main(["weights"]) == 0
     assert str(weights) in capsys.readouterr().out

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import epg.sample as sample_tool
+import epg.sampling.run as sample_run
 from epg.cli import main as epg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,9 +94,9 @@ def test_predict_resumes_and_refuses_other_settings(run, tmp_path, monkeypatch, 
     for name in ("000001.png", "000004.png"):
         (out / name).unlink()
     written: list[str] = []
-    real_write = sample_tool.write_png
+    real_write = sample_run.write_png
     monkeypatch.setattr(
-        sample_tool, "write_png", lambda path, image: (written.append(Path(path).name), real_write(path, image))
+        sample_run, "write_png", lambda path, image: (written.append(Path(path).name), real_write(path, image))
     )
     assert predict(run, out, *random) == 0
     assert sorted(written) == ["000001.png", "000004.png"]  # only the missing ones, and the same images again

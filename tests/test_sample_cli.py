@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import epg.sample as cli
+import epg.commands.sample as cli
+import epg.sampling.run as sample_run
 from epg.checkpoint import save_network_file
 from epg.data.shards import shard_name, write_metadata, write_shard
 from epg.nn.network import build_network
@@ -62,9 +63,9 @@ def test_rerun_fills_exactly_the_missing_files(
         (out / f"{i:06d}.png").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     written: list[str] = []
-    real_write = cli.write_png
+    real_write = sample_run.write_png
     monkeypatch.setattr(
-        cli, "write_png", lambda path, image: (written.append(Path(path).name), real_write(path, image))
+        sample_run, "write_png", lambda path, image: (written.append(Path(path).name), real_write(path, image))
     )
     _run(nano["x0"], out, "--no-progress")
     assert sorted(written) == [f"{i:06d}.png" for i in deleted]

@@ -12,9 +12,11 @@ Modules, each importing only from those above it:
 - :mod:`epg.eval.metrics` — `compute_metrics`/`score` of sample features against a reference.
 - :mod:`epg.eval.tables` — result tables.
 - :mod:`epg.eval.reference_fid` — torchmetrics' FID against reference statistics, summed over DDP ranks.
-- :mod:`epg.eval.sweep` — in-memory sampling split over ranks, sweep rows and results (library).
+- :mod:`epg.eval.sweep` — in-memory sampling split over ranks, sweep rows and results, `Sweep` (`epg fid sweep`).
 - :mod:`epg.eval.callback` — `InLoopFID`, the in-loop FID callback.
-- :mod:`epg.eval.sweep_cli`, :mod:`epg.eval.cli` — `epg fid weights | ref | calc | sweep | gen`.
+
+The command lines `epg fid weights | ref | calc | sweep | gen` are :mod:`epg.commands.fid` and
+:mod:`epg.commands.fid_sweep`.
 
 Nothing is imported here, so `import epg.eval` stays cheap.
 """

@@ -1,9 +1,16 @@
-"""The library of `epg fid sweep` (method.md §6, §8): in-memory sampling split over ranks, sweep rows and results.
+"""FID per (CFG scale, EMA copy) on few samples, the best setting, its full run (method.md §6, §8): `epg fid sweep`.
 
 Image i's noise and label depend only on (seed, i), as in `epg sample`; :func:`sample_images` is also the sampling of
-the in-loop FID (:mod:`epg.eval.callback`) and `epg demo`. A sweep's rows (one per CFG scale and EMA copy) live in
-``OUT/sweep.json`` with the settings that decide them, so that a rerun skips finished rows and refuses a folder made
-with other settings. The command line is :mod:`epg.eval.sweep_cli`.
+the in-loop FID (:mod:`epg.eval.callback`) and `epg demo`. :class:`Sweep` samples ``num`` images in memory per
+setting, scores them against the reference and appends a row to ``OUT/sweep.json`` with the settings that decide
+them, so that a rerun skips finished rows (added scales or EMA copies cost only their own samples) and refuses a
+folder made with other settings. The setting with the lowest FID is then optionally sampled ``final_num`` times as an
+:class:`~epg.sampling.run.SampleRun` (PNGs + ADM-style .npz, resumable) and scored with every metric the reference
+allows; ``labels="both"`` reports class-balanced against random labels for that setting (method.md §6.4: the 1.58
+vs 1.70 question).
+
+FID of few samples is biased upwards (by roughly a constant for a fixed N), so use the sweep to rank settings, and
+quote only the final run. The command line is :mod:`epg.commands.fid_sweep`.
 """
 
 from __future__ import annotations
@@ -14,18 +21,23 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from epg.checkpoint import read_hyper_parameters
+from epg.checkpoint import default_sampler, load_denoiser, read_hyper_parameters
 from epg.eval.errors import EvalInputError
-from epg.eval.inception import InceptionFeatures, pool_features
-from epg.eval.metrics import fid_to_reference
-from epg.eval.reference import ReferenceStats
+from epg.eval.inception import InceptionFeatures, extract_features, pool_features
+from epg.eval.metrics import fid_to_reference, score
+from epg.eval.reference import ReferenceStats, open_reference
+from epg.eval.tables import format_comparison, format_results, format_sweep
 from epg.io import write_json
-from epg.sampling import SampleSettings, generate_batches
-from epg.sampling.options import SamplingOptionsError, parse_ema, settings_diff
+from epg.sampling import SampleSettings, default_steps, generate_batches
+from epg.sampling.grid import GUIDANCE_INTERVAL
+from epg.sampling.options import SamplingOptions, SamplingOptionsError, format_interval, parse_ema, settings_diff
+from epg.sampling.per_image import LABEL_MODES
+from epg.sampling.run import SampleRun, SampleRunError, counts_digest, label_counts
 
 RESULTS_NAME = "sweep.json"
 PLOT_NAME = "sweep.png"
@@ -173,3 +185,180 @@ def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> bo
     fig.tight_layout()
     fig.savefig(path)
     return True
+
+
+# --- the sweep ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sweep:
+    """`epg fid sweep` with typed settings: FID per (CFG scale, EMA copy), the best one, optionally its full run.
+
+    Args:
+        checkpoint: EPG network file, FinetuneModule checkpoint, or official file (with ``preset``).
+        ref: reference .npz from `epg fid ref` (or an ADM reference batch).
+        out: folder for sweep.json, sweep.png and the final run's samples.
+        scales: CFG scales w (1 = no guidance).
+        emas: EMA copies (None = the online weights); None: every copy the checkpoint keeps (:func:`ema_choices`).
+        num: samples per setting of the sweep; final_num: then sample the best setting this many times.
+        sampler, steps: None: what the checkpoint's objective needs (heun or consistency) and its steps.
+        interval: the CFG σ interval (unshifted; None: every level).
+        labels: "balanced", "random" or "both" (compare the label modes at the best setting, §6.4).
+        label_counts: class frequencies of random labels (:func:`epg.sampling.run.label_counts`).
+        preset: architecture of an official checkpoint.
+        seed: image i depends only on (seed, i).
+        batch_size: images per sampling and Inception batch.
+        device: cuda or cpu (None: cuda when available).
+    """
+
+    checkpoint: str | os.PathLike
+    ref: str | os.PathLike
+    out: Path
+    scales: Sequence[float] = (1.0, 1.5, 2.0, 2.5, 3.0)
+    emas: Sequence[int | None] | None = None
+    num: int = 1000
+    final_num: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    interval: tuple[float, float] | None = GUIDANCE_INTERVAL
+    labels: str = "balanced"
+    label_counts: str = "auto"
+    preset: str | None = None
+    seed: int = 0
+    batch_size: int = 100
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.num < 2 or (self.final_num is not None and self.final_num < 2) or self.batch_size < 1 or self.seed < 0:
+            raise EvalInputError("--num and --final-num must be ≥ 2, --batch-size ≥ 1 and --seed ≥ 0")
+        if not self.scales:
+            raise EvalInputError("--scales is empty")
+        if self.labels not in (*LABEL_MODES, "both"):
+            raise EvalInputError(f"--labels takes one of {(*LABEL_MODES, 'both')}, got {self.labels!r}")
+        self.emas = ema_choices("all", self.checkpoint) if self.emas is None else list(self.emas)
+        self.sampler = self.sampler or default_sampler(self.checkpoint)
+        self.steps = self.steps or default_steps(self.sampler)
+        self.options(1.0, "balanced")  # a bad sampler or step count fails before any sampling
+
+    @property
+    def sweep_labels(self) -> str:
+        """The label mode of the sweep's rows ("both" sweeps with balanced labels)."""
+        return "balanced" if self.labels == "both" else self.labels
+
+    def options(self, scale: float, labels: str) -> SamplingOptions:
+        """The sampling options of one setting of the sweep."""
+        try:
+            return SamplingOptions(self.sampler, self.steps, scale, self.interval, labels, self.seed)
+        except SamplingOptionsError as err:
+            raise EvalInputError(str(err)) from None
+
+    def identity(self, counts: list[int] | None) -> dict:
+        """What the rows depend on besides (scale, EMA); a rerun into the same folder must match it."""
+        identity = {"ref": self.ref, "num": self.num, "sampler": self.sampler, "steps": self.steps}
+        identity.update(interval=format_interval(self.interval), preset=self.preset, seed=self.seed)
+        identity.update(checkpoint=os.path.abspath(self.checkpoint), ref=os.path.abspath(self.ref))
+        identity["labels"] = self.sweep_labels
+        if self.labels != "balanced":
+            identity["label_counts"] = counts_digest(counts)
+        return identity
+
+    def run(self) -> dict:
+        """Sweep (skipping the rows in ``out/sweep.json``), print the table, plot, then the final run; the results."""
+        counts = None
+        if self.labels != "balanced":
+            try:
+                counts, where = label_counts(self.label_counts, self.checkpoint)
+            except SampleRunError as err:
+                raise EvalInputError(str(err)) from None
+            print(f"epg fid sweep: {where}")
+        path = self.out / RESULTS_NAME
+        results = load_results(path, self.identity(counts))
+        inception = InceptionFeatures(device=self.device)
+        reference = open_reference(self.ref, inception, batch_size=self.batch_size, progress=True)
+
+        def row_of(model, ema, scale: float, mode: str) -> dict:
+            settings = self.options(scale, mode).settings(class_counts=counts)
+            return in_memory_fid(model, ema, scale, settings, self.num, inception, reference, self.batch_size)
+
+        done = {(r["ema"], r["scale"]): r for r in results["rows"]}
+        rows: list[dict] = []
+        for ema in self.emas:
+            todo = [s for s in self.scales if (ema, s) not in done]
+            model = self._load(ema, inception, reference) if todo else None
+            for scale in self.scales:
+                row = done.get((ema, scale))
+                if row is None:
+                    row = row_of(model, ema, scale, self.sweep_labels)
+                    results["rows"].append(row)
+                    save_results(path, results)
+                    print(f"{row['weights']:>12}  cfg {scale:<5g}  FID {row['fid']:.3f}  ({row['seconds']} s)")
+                rows.append(row)
+            del model
+
+        best = best_row(rows)
+        results["best"] = best
+        what = f"{self.sampler}, {self.steps} steps, {self.sweep_labels} labels"
+        print(f"\nFID of {self.num} samples ({what}) vs {self.ref}")
+        print(format_sweep(rows))
+        print(f"best: cfg {best['scale']:g} with {best['weights']} (FID {best['fid']:.3f})")
+        title = f"{Path(self.checkpoint).name}: {self.sampler} {self.steps} steps, {self.sweep_labels} labels"
+        if plot_sweep(rows, self.out / PLOT_NAME, title):
+            print(f"wrote {self.out / PLOT_NAME}")
+
+        modes = list(LABEL_MODES) if self.labels == "both" else [self.labels]
+        tag = row_tag(best)
+        if self.final_num is not None:
+            final = {mode: self.final_run(best, mode, inception, reference) for mode in modes}
+            results["final"] = {"num": self.final_num, "setting": tag, **final}
+            _report({mode: final[mode]["metrics"] for mode in modes}, f"{self.final_num} samples, {tag}")
+        elif self.labels == "both":  # compare label modes at num: the balanced row is the sweep's
+            model = self._load(best["ema"], inception, reference)
+            results["labels"] = {"balanced": best, "random": row_of(model, best["ema"], best["scale"], "random")}
+            _report({mode: {"fid": results["labels"][mode]["fid"]} for mode in modes}, f"{self.num} samples, {tag}")
+        save_results(path, results)
+        print(f"wrote {path}")
+        return results
+
+    def _load(self, ema: int | None, inception: InceptionFeatures, reference: ReferenceStats):
+        """The weights of one EMA choice on the Inception device, checked against the reference's resolution."""
+        model = load_denoiser(self.checkpoint, ema=ema, preset=self.preset)
+        model.denoiser.to(inception.device)
+        size = (model.denoiser.image_size,) * 2
+        if reference.resolution is not None and tuple(reference.resolution) != size:
+            raise EvalInputError(
+                f"the reference is at {reference.resolution[0]}x{reference.resolution[1]} but the network makes "
+                f"{size[0]}x{size[1]} images; make a reference at the sample resolution (`epg fid ref`)"
+            )
+        return model
+
+    def final_run(self, row: dict, mode: str, inception: InceptionFeatures, reference: ReferenceStats) -> dict:
+        """Sample the chosen setting as a :class:`SampleRun` (resumable PNGs + .npz), then score every metric."""
+        folder = self.out / "final" / f"{row_tag(row)}_{mode}_n{self.final_num}"
+        options = self.options(row["scale"], mode)
+        try:
+            run = SampleRun(
+                self.checkpoint,
+                folder,
+                self.final_num,
+                options,
+                ema=row["ema"],
+                batch=self.batch_size,
+                preset=self.preset,
+                label_counts=self.label_counts,
+            )
+            print(f"epg fid sweep: final run: {run.command_line()}")
+            run.execute(inception.device)
+        except SampleRunError as err:
+            raise EvalInputError(f"final run into {folder}: {err}") from None
+        npz = folder.with_name(folder.name + ".npz")
+        features = extract_features(npz, inception, self.batch_size, resolution=reference.resolution, progress=True)
+        return {"samples": str(npz), "metrics": score(features, reference, device=str(inception.device))}
+
+
+def _report(metrics: dict[str, dict], what: str) -> None:
+    print(f"\n{what}:")
+    if len(metrics) == 1:
+        print(format_results(next(iter(metrics.values()))))
+    else:
+        print(format_comparison({MODE_NAMES[mode]: values for mode, values in metrics.items()}))

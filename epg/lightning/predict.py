@@ -11,8 +11,8 @@ folder. Several devices (``trainer.devices``, DDP) split the indices; image i de
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from epg.checkpoint import OBJECTIVE_SAMPLERS, read_global_step
 from epg.lightning.faults import ConfigError
-from epg.sample import SampleRun, parse_args
 from epg.sampling.generate import SampleSettings
 from epg.sampling.grid import GUIDANCE_INTERVAL
-from epg.sampling.options import SamplingOptions, SamplingOptionsError, format_interval, select_network
+from epg.sampling.options import SamplingOptions, SamplingOptionsError, select_network
+from epg.sampling.run import SampleRun, SampleRunError
 
 PROG = "epg predict"
 
@@ -62,6 +62,8 @@ class _Missing(Dataset):
 
 class SampleWriter(BasePredictionWriter):
     """Write the predictions of `epg predict` like `epg sample`: PNGs, ``<out>.npz``, resumable, split over ranks.
+
+    The folder is an :class:`epg.sampling.run.SampleRun` with these options, so it equals `epg sample`'s.
 
     Args:
         out: folder of 000000.png …; the npz goes next to it as ``<out>.npz``. Default:
@@ -101,35 +103,38 @@ class SampleWriter(BasePredictionWriter):
             self.sampling = SamplingOptions(sampler, steps, cfg, interval, labels, seed)
         except SamplingOptionsError as err:
             raise ValueError(f"SampleWriter: {err}") from None
-        self.out, self.num, self.ema, self.sampler, self.steps = out, num, ema, sampler, steps
-        self.cfg, self.guidance_interval = cfg, self.sampling.interval  # `self.interval` is BasePredictionWriter's
-        self.labels, self.label_counts = labels, label_counts
-        self.seed, self.batch, self.autocast, self.npz = seed, batch, autocast, npz
+        self.out, self.num, self.ema, self.label_counts = out, num, ema, label_counts
+        self.batch, self.autocast, self.npz = batch, autocast, npz
         self.checkpoint: str | os.PathLike | None = None
         self.run: SampleRun | None = None
         self.todo: list[int] = []
         self._ema = ema
 
     # ---- the `epg sample` run this writer stands for -----------------------------------------------------------
-    def sample_argv(self, checkpoint: str, objective: str, out: str) -> list[str]:
-        """The `epg sample` arguments that make the same images into the same folder."""
+    def sample_run(self, checkpoint: str, objective: str, out: str | os.PathLike) -> SampleRun:
+        """The :class:`SampleRun` of these options: the images of `epg sample` with the same options, same folder."""
         sampler = self.sampling.resolved_sampler(OBJECTIVE_SAMPLERS.get(objective, "heun"))
-        interval = format_interval(self.sampling.interval)
-        ema = "none" if self.ema is None else str(self.ema)
-        argv = [checkpoint, "--out", out, "--num", str(self.num), "--ema", ema, "--batch", str(self.batch)]
-        argv += ["--sampler", sampler, "--interval", interval, "--labels", self.labels, "--seed", str(self.seed)]
-        argv += ["--label-counts", self.label_counts, "--autocast", self.autocast]
-        argv += ["--steps", str(self.steps)] if self.steps else []
-        argv += ["--cfg", str(float(self.cfg))] if self.cfg is not None else []
-        return argv + ([] if self.npz else ["--no-npz"])
+        options = dataclasses.replace(self.sampling, sampler=sampler)
+        return SampleRun(
+            checkpoint,
+            Path(out),
+            self.num,
+            options,
+            ema=self.ema,
+            batch=self.batch,
+            autocast=self.autocast,
+            label_counts=self.label_counts,
+            npz=self.npz,
+            prog=PROG,
+        )
 
-    def default_out(self, trainer: L.Trainer, checkpoint: str, objective: str) -> str:
+    def default_out(self, trainer: L.Trainer, checkpoint: str, run: SampleRun) -> str:
         """``<default_root_dir>/samples/<checkpoint>-step<N>_<ema>_<sampler><steps>_cfg<w>_<labels>_seed<s>_n<num>``."""
-        args = parse_args(self.sample_argv(checkpoint, objective, "-"))
+        options = run.options
         weights = "online" if self.ema is None else f"ema{self.ema}"
-        cfg = 1.0 if self.cfg is None else self.cfg
-        name = f"{Path(checkpoint).stem}-step{read_global_step(checkpoint)}_{weights}_{args.sampler}{args.steps}"
-        name += f"_cfg{cfg:g}_{self.labels}_seed{self.seed}_n{self.num}"
+        cfg = 1.0 if options.cfg is None else options.cfg
+        name = f"{Path(checkpoint).stem}-step{read_global_step(checkpoint)}_{weights}_{options.sampler}{options.steps}"
+        name += f"_cfg{cfg:g}_{options.labels}_seed{options.seed}_n{self.num}"
         return os.path.join(trainer.default_root_dir, "samples", name)
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------------
@@ -157,17 +162,18 @@ class SampleWriter(BasePredictionWriter):
             raise ConfigError("sample.ema", f"{self.ema}, but the checkpoint keeps {copies} EMA copies (None: online)")
         self._ema = self.ema if copies else None  # no EMA kept: the online weights, as `epg sample` does
         objective = pl_module.hparams.get("objective", "diffusion")
-        out = self.out or self.default_out(trainer, checkpoint, objective)
-        argv = self.sample_argv(checkpoint, objective, out)
         net = select_network(pl_module, self._ema, PROG)
         try:
-            self.run = SampleRun.prepare(parse_args(argv), pl_module.denoiser(net), trainer.global_rank, PROG)
-        except SystemExit as err:  # `epg sample`'s one-line messages
-            raise ConfigError("sample", str(err).removeprefix(f"{PROG}: ")) from None
+            run = self.sample_run(checkpoint, objective, self.out or ".")
+            if not self.out:
+                run = self.sample_run(checkpoint, objective, self.default_out(trainer, checkpoint, run))
+            self.run = run.open(pl_module.denoiser(net), trainer.global_rank)
+        except SampleRunError as err:  # `epg sample`'s one-line messages
+            raise ConfigError("sample", str(err)) from None
         self.todo = self.run.missing()
         rank_zero_info(
-            f"{PROG}: {len(self.todo)} of {self.num} images to write into {out} "
-            f"(the images of `epg sample {shlex.join(argv)}`)"
+            f"{PROG}: {len(self.todo)} of {self.num} images to write into {self.run.out} "
+            f"(the images of `{self.run.command_line()}`)"
         )
 
     def _checkpoint_file(self, trainer: L.Trainer) -> str:
@@ -191,5 +197,5 @@ class SampleWriter(BasePredictionWriter):
             return
         try:
             self.run.finish(pl_module.denoiser())
-        except SystemExit as err:
-            raise ConfigError("sample", str(err).removeprefix(f"{PROG}: ")) from None
+        except SampleRunError as err:
+            raise ConfigError("sample", str(err)) from None

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     calc.add_argument("--out", default=None, help="also write the results as JSON here")
     common(calc)
 
-    from epg.eval.sweep_cli import add_arguments
+    from epg.commands.fid_sweep import add_arguments
 
     add_arguments(sub.add_parser("sweep", help="FID per CFG scale and EMA copy; the best setting's full run"))
     return parser
@@ -147,7 +147,7 @@ def _calc(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from epg.eval.sweep_cli import run
+    from epg.commands.fid_sweep import run
 
     return run(args)
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     if argv[0] == "gen":
-        return int(importlib.import_module("epg.sample").main(argv[1:]) or 0)
+        return int(importlib.import_module("epg.commands.sample").main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     from epg.eval.errors import EvalInputError, LogitsUnavailableError
     from epg.eval.inception_weights import InceptionWeightsError
