@@ -1,5 +1,6 @@
-"""The import graph of the package, read from the source with ``ast``: no cycles, and the lower floors stay free of
-Lightning and of the upper floors (epg.lightning, epg.eval).
+"""The import graph of the package, read from the source with ``ast``: no cycles, the lower floors stay free of
+Lightning and of the upper floors (epg.lightning, epg.eval), and the library never imports the command lines
+(epg.commands).
 
 Every ``import``/``from … import`` of an ``epg`` module counts, at module level or inside a function (a deferred
 import still ties the two modules together); imports under ``if TYPE_CHECKING:`` never run and are left out of the
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "epg"
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")  # top-level distributions of Lightning
 LOWER_FLOORS = ("epg.nn", "epg.method", "epg.sampling")  # no Lightning, no epg.lightning, no epg.eval
+COMMANDS = "epg.commands"  # the argparse front ends: only they (and the dispatcher, by name) reach them
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,29 @@ def test_lower_floors_import_neither_lightning_nor_the_upper_floors(prefix):
     assert not bad, "\n".join(bad)
 
 
+def test_the_library_never_imports_the_commands():
+    """Only epg.commands imports epg.commands (epg.cli runs them by name); the library takes typed arguments."""
+    assert {"epg.commands.sample", "epg.commands.fid", "epg.commands.demo"} <= set(GRAPH)
+    assert "epg.sampling.run" in EDGES["epg.commands.sample"]  # the parser sees the commands' imports
+    bad = [
+        f"{imp.where()}: {name} imports {imp.target}"
+        for name, found in GRAPH.items()
+        if not (name == COMMANDS or name.startswith(COMMANDS + "."))
+        for imp in found
+        if imp.target == COMMANDS or imp.target.startswith(COMMANDS + ".")
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_tool_is_a_command_module_with_a_main():
+    from epg.cli import TOOLS
+
+    for name in TOOLS:
+        assert f"{COMMANDS}.{name}" in GRAPH, f"epg {name}: no module {COMMANDS}.{name}"
+        tree = ast.parse((PACKAGE / "commands" / f"{name}.py").read_text(encoding="utf-8"))
+        assert any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body), name
+
+
 def test_only_the_datamodule_imports_lightning_under_epg_data():
     bad = [
         f"{imp.where()}: {name} imports {imp.target}"
@@ -292,10 +317,11 @@ def test_only_the_datamodule_imports_lightning_under_epg_data():
 
 
 def test_checkpoint_and_lower_floors_load_without_lightning():
-    """In a fresh interpreter, importing these (and using load_denoiser's module) loads no Lightning module."""
+    """In a fresh interpreter, importing these (and using load_denoiser's module) loads no Lightning module; nor does
+    the sample-folder library that `epg sample` runs."""
     code = (
         "import sys\n"
-        "import epg.checkpoint, epg.sampling, epg.nn, epg.method, epg.io\n"
+        "import epg.checkpoint, epg.sampling, epg.sampling.run, epg.nn, epg.method, epg.io\n"
         "assert callable(epg.checkpoint.load_denoiser) and callable(epg.checkpoint.read_checkpoint)\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {LIGHTNING!r} or m.startswith(('epg.lightning', "
         "'epg.eval')))\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ import epg.sampling.run as sample_run
 from epg.checkpoint import save_network_file
 from epg.data.shards import shard_name, write_metadata, write_shard
 from epg.nn.network import build_network
+from epg.sampling.options import SamplingOptions
 from epg.sampling.per_image import class_labels
+from epg.sampling.run import SampleRun, SampleRunError
 
 NUM = 12
 
@@ -164,6 +167,24 @@ def test_argument_errors_say_what_to_do(nano: dict[str, Path], tmp_path: Path) -
         _run(nano["x0"], tmp_path / "x", "--s-churn", "10")
     with pytest.raises(FileNotFoundError):
         _run(tmp_path / "missing.pt", tmp_path / "x")
+
+
+def test_the_command_is_a_typed_sample_run(nano: dict[str, Path], tmp_path: Path) -> None:
+    """`epg sample` parses into a SampleRun, whose command line parses back into the same run."""
+    argv = [str(nano["x0"]), "--out", str(tmp_path / "s"), "--num", "5", "--sampler", "stochastic", "--s-churn", "10"]
+    argv += ["--cfg", "2", "--interval", "none", "--labels", "random", "--ema", "none", "--no-npz", "--no-clamp"]
+    run = cli.sample_run(cli.build_parser().parse_args(argv))
+    assert (run.options.sampler, run.options.steps, run.options.interval) == ("stochastic", 32, None)
+    assert run.ema is None and run.s_churn == 10 and not run.npz and not run.clamp
+    assert run.sampler_options() == {"s_churn": 10.0}
+    words = shlex.split(run.command_line())
+    assert words[:2] == ["epg", "sample"] and cli.sample_run(cli.build_parser().parse_args(words[2:])) == run
+    # The library fills in the checkpoint's sampler and checks the options with the same messages.
+    assert SampleRun(nano["edm"], tmp_path / "c", 4).options == SamplingOptions("consistency", 1)
+    with pytest.raises(SampleRunError, match="--poor"):
+        SampleRun(nano["x0"], tmp_path / "x", 4, autoguidance=1.0)
+    with pytest.raises(SampleRunError, match="--sigma-mid"):
+        SampleRun(nano["x0"], tmp_path / "x", 4, sigma_mid=(0.8,))
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 The steps are :func:`epg.demo.pipeline.run_demo`'s (each printed with its elapsed time; a finished stage is skipped
 and an interrupted one resumes from its last checkpoint); the summary goes to OUT/summary.json. Measured results of
-the demo configurations (2 shared CPU cores) are in the YAML headers of ``configs/demo`` and in the README's demo
-section.
+the demo configurations (2 shared CPU cores) are in the YAML headers of ``configs/demo`` and in README.md ("The
+demo").
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def reference_images(val_dir: Path, count: int, size: int):
     return images, labels
 
 
-def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, settings: DemoSettings) -> dict:
+def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, demo: DemoSettings) -> dict:
     """k-NN accuracy (val digits against a bank of train digits) of the stage-1 encoder and a random-init one.
 
     The random-init encoder is the config's preset built after seeding with its ``seed_everything`` (the weights
@@ -53,7 +53,7 @@ def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, settings: DemoSettings) ->
     cache = ckpt.parent.parent / "knn.json"
     if cache.is_file() and json.loads(cache.read_text()).get("step") == step:
         return json.loads(cache.read_text())
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(demo.threads)
     torch.manual_seed(int(cfg.get("seed_everything") or 0))
     encoders = {
         "random_init": build_representation(hp["preset"], **(hp.get("network") or {})).encoder,
@@ -65,15 +65,13 @@ def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, settings: DemoSettings) ->
     bank = eval_loader(str(data_dir / "train"), subset=hp.get("knn_bank_size"), seed=hp.get("seed", 0), **read)
     val = eval_loader(str(data_dir / "val"), **read)
     k = hp.get("knn_k", 20)
-    acc = knn_accuracies(
-        encoders, bank, val, k=k, temperature=hp.get("knn_temperature", 0.07), device=settings.eval_device
-    )
+    acc = knn_accuracies(encoders, bank, val, k=k, temperature=hp.get("knn_temperature", 0.07), device=demo.eval_device)
     result = {**acc, "gain": acc["stage1"] - acc["random_init"], "k": k, "step": step}
     write_json(cache, result)
     return result
 
 
-def evaluate(ckpt: Path, data_dir: Path, settings: DemoSettings, cfg: dict, start: float) -> dict:
+def evaluate(ckpt: Path, data_dir: Path, demo: DemoSettings, cfg: dict, start: float) -> dict:
     """Grid PNG, FID against the val split and class accuracy of the EMA weights of a stage-2 checkpoint."""
     import torch
 
@@ -86,9 +84,9 @@ def evaluate(ckpt: Path, data_dir: Path, settings: DemoSettings, cfg: dict, star
     from epg.sampling.generate import image_labels
     from epg.sampling.options import SamplingOptions
 
-    torch.set_num_threads(settings.threads)
-    device = settings.eval_device
-    out = settings.out
+    torch.set_num_threads(demo.threads)
+    device = demo.eval_device
+    out = demo.out
     init = cfg["model"]["init_args"]
     options = SamplingOptions(**(init.get("sampling") or {}))  # the grid's sampling block of the config
     sampler = options.resolved_sampler(OBJECTIVE_SAMPLERS[init["objective"]])
@@ -99,7 +97,7 @@ def evaluate(ckpt: Path, data_dir: Path, settings: DemoSettings, cfg: dict, star
     results["weights"] = model.weights
     results["cfg_interval"] = None if guidance is None or guidance.interval is None else list(guidance.interval)
 
-    grid = out / f"samples_{settings.objective}.png"
+    grid = out / f"samples_{demo.objective}.png"
     t0 = time.perf_counter()
     save_class_grid(denoiser, grid, options.settings(sampler, seed=GRID_SEED), model.normalization)
     results["grid"] = str(grid)
@@ -107,9 +105,8 @@ def evaluate(ckpt: Path, data_dir: Path, settings: DemoSettings, cfg: dict, star
     log(f"grid: {grid} (row c = class c) in {results['grid_seconds']}s", start)
 
     t0 = time.perf_counter()
-    n = settings.fid_samples
+    n, batch = demo.fid_samples, demo.eval_batch
     settings = options.settings(sampler, labels="balanced", seed=FID_SEED)
-    batch = settings.eval_batch
     images = sample_images(denoiser, list(range(n)), n, settings, model.normalization, batch).numpy()
     labels = image_labels(denoiser, range(n), n, settings)  # the labels the generate loop gave the images
     results["sample_seconds"] = round(time.perf_counter() - t0, 1)
@@ -118,7 +115,7 @@ def evaluate(ckpt: Path, data_dir: Path, settings: DemoSettings, cfg: dict, star
     t0 = time.perf_counter()
     classifier = load_or_train(str(data_dir / "train"), out / "digit_classifier.pt")
     results["class_accuracy"] = class_accuracy(classifier, images, labels)
-    real, real_labels = reference_images(data_dir / "val", settings.fid_ref, denoiser.image_size)
+    real, real_labels = reference_images(data_dir / "val", demo.fid_ref, denoiser.image_size)
     results["classifier_val_accuracy"] = class_accuracy(classifier, real, real_labels)
     results["classifier_seconds"] = round(time.perf_counter() - t0, 1)
     log(
@@ -129,8 +126,8 @@ def evaluate(ckpt: Path, data_dir: Path, settings: DemoSettings, cfg: dict, star
 
     t0 = time.perf_counter()
     inception = InceptionFeatures(device)
-    cache = out / f"fid_reference_val{settings.fid_ref}_{denoiser.image_size}px.npz"
-    if settings.fid_ref >= VAL_DIGITS:  # the whole val split: the statistics the in-loop FID of stage 2 cached
+    cache = out / f"fid_reference_val{demo.fid_ref}_{denoiser.image_size}px.npz"
+    if demo.fid_ref >= VAL_DIGITS:  # the whole val split: the statistics the in-loop FID of stage 2 cached
         val, run_dir = str(data_dir / "val"), ckpt.parent.parent
         reference = cached_reference(val, run_dir, inception, batch, denoiser.image_size)
         cache = reference_cache(val, run_dir, denoiser.image_size)

@@ -165,8 +165,8 @@ class SampleWriter(BasePredictionWriter):
         net = select_network(pl_module, self._ema, PROG)
         try:
             run = self.sample_run(checkpoint, objective, self.out or ".")
-            if not self.out:
-                run = self.sample_run(checkpoint, objective, self.default_out(trainer, checkpoint, run))
+            if not self.out:  # the default folder is named after the resolved sampler and steps
+                run = dataclasses.replace(run, out=Path(self.default_out(trainer, checkpoint, run)))
             self.run = run.open(pl_module.denoiser(net), trainer.global_rank)
         except SampleRunError as err:  # `epg sample`'s one-line messages
             raise ConfigError("sample", str(err)) from None
