@@ -40,7 +40,8 @@ def _usage() -> str:
 
 
 def _run_lightning(command: str, rest: list[str]) -> int:
-    """LightningCLI; a bad config value (exit status 2) or a NaN/inf loss (1) is one line on stderr, no traceback."""
+    """LightningCLI; a bad config value (exit status 2) or a NaN/inf loss (1) is one line on stderr, no traceback;
+    a Ctrl-C exits with status 130 (the shell's 128 + SIGINT), also where Lightning's own handler would exit 1."""
     from epg.lightning.cli import run_lightning_cli
     from epg.lightning.faults import ConfigError, NonFiniteLossError
 
@@ -52,6 +53,13 @@ def _run_lightning(command: str, rest: list[str]) -> int:
     except NonFiniteLossError as err:
         print(f"epg {command}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the Trainer ran (imports, config, model set-up): nothing was written
+        print(f"epg {command}: interrupted (Ctrl-C) before the Trainer started; no checkpoint written", file=sys.stderr)
+        return 130
+    except SystemExit as err:
+        if err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):
+            return 130  # Lightning's exit(1) after a Ctrl-C that it handled (SigtermCheckpoint said what was kept)
+        raise
     return 0
 
 

@@ -126,3 +126,24 @@ def test_two_ranks_write_the_single_rank_images(run, tmp_path):
     cmd += [*SAMPLE, "--sample.out", str(tmp_path / "two"), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     subprocess.run(cmd, check=True, env=env, cwd=run["root"], timeout=300, capture_output=True)
     assert np.array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"])
+
+
+def test_predict_reports_progress_and_stops_on_sigterm(run, tmp_path, monkeypatch, caplog):
+    """Lightning's predict loop ignores its SIGTERM flag; SampleWriter stops after the batch, writes no checkpoint,
+    and the same command then writes only the missing images. Progress lines come without a progress bar."""
+    import lightning as L
+
+    out, ckpt = tmp_path / "s", run["ckpt"]
+    stamp = ckpt.stat().st_mtime_ns
+    monkeypatch.setattr(L.Trainer, "received_sigterm", property(lambda self: True))
+    with pytest.raises(SystemExit) as stop:
+        predict(run, out)
+    assert not stop.value.code  # as `epg fit` after SIGTERM: status 0
+    assert len(list(out.glob("*.png"))) == 4  # one batch of --sample.batch 4, then the stop
+    assert "epg predict: 4/6 images (66.7%)" in caplog.text and "SIGTERM: stopped after 4 new images" in caplog.text
+    assert ckpt.stat().st_mtime_ns == stamp and not list(ckpt.parent.glob("*.tmp*"))  # predict saves no checkpoint
+    monkeypatch.undo()
+    monkeypatch.chdir(run["root"])
+    caplog.clear()
+    assert predict(run, out) == 0
+    assert len(list(out.glob("*.png"))) == NUM and "epg predict: 2/2 images" in caplog.text

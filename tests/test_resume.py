@@ -246,3 +246,27 @@ def test_ctrl_c_saves_like_sigterm(tmp_path, demo_data):
         start(["-m", "epg.cli", "fit", "-c", str(config)], log), "int", tmp_path / "run" / "checkpoints", 2, log
     )
     assert step < STEPS and "Traceback" not in log.read_text()
+
+
+def test_ctrl_c_before_the_first_step_stops_cleanly(tmp_path, demo_data):
+    """Ctrl-C inside `epg fit` before any step (Lightning's own KeyboardInterrupt handler, which exits 1): a one-line
+    message, exit status 130, no checkpoint or temporary file; the same command then starts at step 0."""
+    log, marker, root = tmp_path / "run.log", tmp_path / "in_setup", tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", root, demo_data, steps=2, delay=0.0)
+    pause = f"    - class_path: tests.scripts.fault_fit.PauseAtSetup\n      init_args:\n        marker: {marker}\n"
+    paused = tmp_path / "paused.yaml"
+    paused.write_text(config.read_text().replace("  callbacks:\n", "  callbacks:\n" + pause, 1))
+    run = start(["-m", "epg.cli", "fit", "-c", str(paused)], log)
+    deadline = time.monotonic() + 90
+    while not marker.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), log.read_text()[-3000:]
+    os.killpg(run.pid, signal.SIGINT)
+    assert finish(run, log) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Ctrl-C before training started (step 0): stopped, no checkpoint written" in text
+    assert "Traceback" not in text
+    assert not [p for p in root.rglob("*") if p.is_file()], "an interrupted set-up left files behind"
+    run = start(["-m", "epg.cli", "fit", "-c", str(config)], log)  # the same run, not paused: starts afresh
+    assert finish(run, log) == 0, log.read_text()[-3000:]
+    assert load(root / "checkpoints" / "last.ckpt")["global_step"] == 2

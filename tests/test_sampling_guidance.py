@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from epg.commands.sample import build_parser, sample_run
 from epg.method.denoiser import Denoiser
 from epg.sampling import Guidance, GuidedDenoiser, sample, sampling_sigmas
+from epg.sampling.grid import GUIDANCE_INTERVAL
 
 NULL = 10
 
@@ -100,7 +102,30 @@ def test_autoguidance_uses_the_poor_model() -> None:
     fn = GuidedDenoiser(good, y, Guidance(0.5, kind="autoguidance", poor=poor), clamp=None)
     torch.testing.assert_close(fn(x, 2.0), torch.full_like(x, 0.4 + 0.5 * (0.4 - 0.1)))
     assert fn.nfe == 2 and len(poor.network.calls) == 1
-    assert sample(good, torch.randn(1, 3, 2, 2), y, guidance=fn.guidance, return_info=True).nfe == 74
+
+
+def test_autoguidance_guides_every_level_by_default_and_cfg_only_in_the_band() -> None:
+    """Official code: autog_forward guides every call, cfg_forward only inside (0.19, 1.61]·s_H (method.md §6.2)."""
+    good, poor = Denoiser(SpyNet(cond=0.4), "x0"), Denoiser(SpyNet(cond=0.1), "x0")
+    y, z = torch.tensor([5]), torch.randn(1, 3, 2, 2)
+    auto = Guidance(0.5, kind="autoguidance", poor=poor)
+    assert auto.interval is None and Guidance(2.0).interval == GUIDANCE_INTERVAL
+    assert sample(good, z, y, guidance=auto, return_info=True).nfe == 2 * 62  # both models at all 62 evaluations
+    banded = Guidance(0.5, GUIDANCE_INTERVAL, kind="autoguidance", poor=poor)
+    assert sample(good, z, y, guidance=banded, return_info=True).nfe == 74  # as CFG: 12 extra calls in the band
+    assert sample(good, z, y, guidance=Guidance(2.0), return_info=True).nfe == 74
+    with pytest.raises(ValueError, match="must be"):
+        Guidance(2.0, interval="paper")
+    # epg sample: the default --interval follows the kind; an explicit one is kept
+    common = ["ckpt", "--out", "o", "--num", "1", "--sampler", "heun"]
+
+    def interval(argv: list[str]) -> tuple[float, float] | None:
+        return sample_run(build_parser().parse_args(argv)).options.interval
+
+    assert interval([*common, "--cfg", "2"]) == GUIDANCE_INTERVAL
+    auto_args = [*common, "--autoguidance", "1", "--poor", "p"]
+    assert interval(auto_args) is None
+    assert interval([*auto_args, "--interval", "0.19,1.61"]) == GUIDANCE_INTERVAL
 
 
 def test_guidance_errors_say_what_to_do() -> None:

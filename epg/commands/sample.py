@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale w (1 = none; 2.5 for EPG-XL/16 at 256)")
     p.add_argument("--autoguidance", type=float, help="autoguidance scale w in D_c + w·(D_c − D_poor); needs --poor")
     p.add_argument("--poor", help="the weaker checkpoint for --autoguidance")
-    interval_help = "guidance σ interval lo,hi (unshifted; applied as (lo·s_H, hi·s_H]) or 'none' for every level"
-    p.add_argument("--interval", default=format_interval(GUIDANCE_INTERVAL), help=interval_help)
+    interval_help = (
+        "guidance σ interval lo,hi (unshifted; applied as (lo·s_H, hi·s_H]) or 'none' for every level (default: "
+        f"{format_interval(GUIDANCE_INTERVAL)} for --cfg, every level for --autoguidance as in the official code)"
+    )
+    p.add_argument("--interval", help=interval_help)
     p.add_argument("--no-clamp", action="store_true", help="do not clamp x̂0 to [−1, 1] (method.md §6.1)")
     p.add_argument(
         "--labels",
@@ -98,6 +101,8 @@ def sample_run(args: argparse.Namespace) -> SampleRun:
     if args.devices < 1:
         raise SystemExit(f"{PROG}: --devices must be ≥ 1")
     try:
+        if args.interval is None:  # CFG: the paper's band (§6.2); autoguidance: every level, as official autog_forward
+            args.interval = format_interval(GUIDANCE_INTERVAL if args.autoguidance is None else None)
         interval = parse_interval(args.interval, "--interval")
         options = SamplingOptions(args.sampler, args.steps, args.cfg, interval, args.labels, args.seed)
         return SampleRun(

@@ -17,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -115,7 +116,10 @@ class SigtermCheckpoint(Callback):
     :func:`epg.data.pipeline.ignore_sigterm`.
 
     While training, a first Ctrl-C is handled as a SIGTERM (same batch boundary, same save; ``interrupted`` is then
-    True and ``epg fit`` exits with status 130); a second one stops at once without saving.
+    True and ``epg fit`` exits with status 130); a second one stops at once without saving. A Ctrl-C before
+    training starts (set-up, checkpoint restore, sanity check) stops there: nothing is saved, a message says so and
+    ``epg fit`` exits with status 130 too. Only ``fit`` saves: a signal during ``validate``/``predict`` writes no
+    checkpoint.
 
     Args:
         path: checkpoint file to write (default: :func:`last_checkpoint_path`).
@@ -149,6 +153,21 @@ class SigtermCheckpoint(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
+        if trainer.state.fn != TrainerFn.FITTING:  # validate/predict stopped by a signal: no training state to save
+            return
+        if isinstance(exception, KeyboardInterrupt):
+            # Ctrl-C before on_train_start (set-up, restore, sanity check): Lightning's own handler is still in
+            # place; it tears down and exits with status 1, which `epg fit` turns into 130 (epg.cli). Nothing is
+            # written: a checkpoint at that point would hold no more than the one the run started from.
+            if self.interrupted:  # the second Ctrl-C of _on_sigint
+                rank_zero_info("Ctrl-C again: stopped at once, no checkpoint written")
+            else:
+                rank_zero_info(
+                    f"Ctrl-C before training started (step {trainer.global_step}): stopped, no checkpoint written; "
+                    "rerun the same `epg fit` command to start"
+                )
+            self.interrupted = True
+            return
         if not isinstance(exception, SIGTERMException):
             return
         path = self.path or last_checkpoint_path(trainer)

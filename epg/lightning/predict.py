@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,6 +31,7 @@ from epg.sampling.options import SamplingOptions, SamplingOptionsError, select_n
 from epg.sampling.run import SampleRun, SampleRunError
 
 PROG = "epg predict"
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines (the first batch always reports, with an estimate)
 
 
 class SampleBatch:
@@ -68,7 +71,10 @@ class SampleWriter(BasePredictionWriter):
     Args:
         out: folder of 000000.png …; the npz goes next to it as ``<out>.npz``. Default:
             ``<trainer.default_root_dir>/samples/<checkpoint>-step<N>_<settings>``.
-        num: number of images (50000 for FID-50K).
+        num: number of images; default 50000 (FID-50K, the paper's protocol: hours on a CPU, so pass e.g.
+            ``--sample.num 500`` for the demo). Progress lines with an estimate of the time left are printed after the
+            first batch and then every 30 s, whatever ``trainer.enable_progress_bar`` says; SIGTERM (``timeout``,
+            ``kill``) stops after the current batch, and a rerun continues with the missing images.
         ema: EMA copy index, or None for the online weights.
         sampler, steps: None picks the checkpoint objective's sampler (heun for a DM, consistency for a CM) and that
             sampler's step count (heun 32, consistency 1).
@@ -109,6 +115,8 @@ class SampleWriter(BasePredictionWriter):
         self.run: SampleRun | None = None
         self.todo: list[int] = []
         self._ema = ema
+        self._done = 0  # images written by this run (this rank)
+        self._start = self._last_report = 0.0
 
     # ---- the `epg sample` run this writer stands for -----------------------------------------------------------
     def sample_run(self, checkpoint: str, objective: str, out: str | os.PathLike) -> SampleRun:
@@ -171,6 +179,8 @@ class SampleWriter(BasePredictionWriter):
         except SampleRunError as err:  # `epg sample`'s one-line messages
             raise ConfigError("sample", str(err)) from None
         self.todo = self.run.missing()
+        self._done, self._start = 0, time.monotonic()
+        self._last_report = self._start
         rank_zero_info(
             f"{PROG}: {len(self.todo)} of {self.num} images to write into {self.run.out} "
             f"(the images of `{self.run.command_line()}`)"
@@ -190,6 +200,35 @@ class SampleWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         self.run.write(batch.indices, prediction)
+        self._done += len(batch.indices)
+        self._report(trainer)
+        if trainer.received_sigterm and self._done < self._share(trainer):
+            # Lightning's predict loop never looks at its SIGTERM flag: without this, `timeout`/`kill` were ignored
+            # until all images were written. The PNGs so far are complete files; a rerun writes the missing ones.
+            rank_zero_info(
+                f"{PROG}: SIGTERM: stopped after {self._done} new images in {self.run.out}; rerun the same command to "
+                "continue"
+            )
+            raise SIGTERMException
+
+    def _share(self, trainer: L.Trainer) -> int:
+        """This rank's number of images (Lightning's sampler pads the ranks to equal shares)."""
+        return -(-len(self.todo) // trainer.world_size)
+
+    def _report(self, trainer: L.Trainer) -> None:
+        """A progress line after the first batch and then every PROGRESS_EVERY_S seconds (rank 0's count)."""
+        now = time.monotonic()
+        first = self._done <= self.batch
+        if not first and now - self._last_report < PROGRESS_EVERY_S:
+            return
+        self._last_report = now
+        todo = max(1, self._share(trainer))
+        rate = self._done / max(now - self._start, 1e-9)
+        left = (todo - self._done) / rate if rate > 0 else float("inf")
+        rank_zero_info(
+            f"{PROG}: {self._done}/{todo} images ({100 * self._done / todo:.1f}%), {rate:.1f} img/s, "
+            f"~{_duration(left)} left" + (" (--sample.num N for fewer)" if first and left > 600 else "")
+        )
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier("SampleWriter.npz")
@@ -199,3 +238,13 @@ class SampleWriter(BasePredictionWriter):
             self.run.finish(pl_module.denoiser())
         except SampleRunError as err:
             raise ConfigError("sample", str(err)) from None
+
+
+def _duration(seconds: float) -> str:
+    """The duration as 1 h 05 min, 3 min 20 s or 12 s."""
+    if seconds == float("inf"):
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"

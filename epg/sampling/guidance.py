@@ -14,6 +14,7 @@ from torch import nn
 from epg.sampling.grid import GUIDANCE_INTERVAL, in_interval
 
 GUIDANCE_KINDS = ("cfg", "autoguidance")
+DEFAULT_INTERVAL = "default"  # the interval of Guidance(...) left unset: the paper's band for CFG, all levels else
 
 
 @dataclass
@@ -21,19 +22,25 @@ class Guidance:
     """How to guide: ``scale`` w, the σ interval (unshifted units; None = all levels), kind and the poor model.
 
     - ``"cfg"``: F_g = F_u + w·(F_c − F_u) on the raw output before clamping, F_u at the null label (§6.2);
-      w = 1 is no guidance.
+      w = 1 is no guidance. Default interval: the paper's (0.19, 1.61].
     - ``"autoguidance"``: D_c + w·(D_c − D_poor) with a weaker :class:`~epg.method.denoiser.Denoiser` ``poor``
-      (§6.1, the official code's form); note that here w = 0 is no guidance.
+      (§6.1, the official code's form); note that here w = 0 is no guidance. Default interval: every level, as the
+      official ``autog_forward`` guides every call (only its ``cfg_forward`` reads the band); pass an interval to
+      restrict it.
     """
 
     scale: float
-    interval: tuple[float, float] | None = GUIDANCE_INTERVAL
+    interval: tuple[float, float] | None | str = DEFAULT_INTERVAL  # "default": the kind's default (see above)
     kind: str = "cfg"
     poor: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in GUIDANCE_KINDS:
             raise ValueError(f"unknown guidance kind {self.kind!r}: choose one of {GUIDANCE_KINDS}")
+        if isinstance(self.interval, str):
+            if self.interval != DEFAULT_INTERVAL:
+                raise ValueError(f"guidance interval {self.interval!r} must be (lo, hi), None or {DEFAULT_INTERVAL!r}")
+            self.interval = GUIDANCE_INTERVAL if self.kind == "cfg" else None
         if self.kind == "autoguidance" and self.poor is None:
             raise ValueError("autoguidance needs the poor denoiser: pass Guidance(..., poor=weaker_denoiser)")
         if self.interval is not None and not self.interval[0] < self.interval[1]:

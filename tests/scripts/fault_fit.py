@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -63,6 +64,18 @@ class Delay(L.Callback):
         self.seconds = seconds
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+class PauseAtSetup(L.Callback):
+    """Inside ``trainer.fit`` but before on_train_start (no step yet): create ``marker``, then sleep, so a test can
+    send Ctrl-C at that moment."""
+
+    def __init__(self, marker: str, seconds: float = 60.0) -> None:
+        self.marker, self.seconds = marker, seconds
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        Path(self.marker).touch()
         time.sleep(self.seconds)
 
 
