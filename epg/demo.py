@@ -151,7 +151,7 @@ def run_stage(
     last = run_dir / "checkpoints" / "last.ckpt"
     done, hparams = checkpoint_state(last)
     init = _load_yaml(config)["model"]["init_args"]
-    for key in ("preset", "network", "objective"):
+    for key in ("preset", "network"):
         if done >= 0 and key in init and hparams.get(key) != init[key]:
             raise DemoError(
                 f"{name}: {last} was trained with {key}={hparams.get(key)!r}, but {config} has {init[key]!r}; "
@@ -243,20 +243,20 @@ def evaluate(ckpt: Path, out: Path, data_dir: Path, opts: argparse.Namespace, cf
     """Grid PNG, FID against the val split and class accuracy of the EMA weights of a stage-2 checkpoint."""
     import torch
 
-    from epg.checkpoint import OBJECTIVE_SAMPLERS, load_denoiser
+    from epg.checkpoint import default_sampler, load_denoiser
     from epg.eval.digits import class_accuracy, load_or_train
     from epg.eval.inception import InceptionFeatures, pool_features
     from epg.eval.metrics import fid_to_reference
     from epg.eval.reference import cached_reference, compute_reference, load_reference, reference_cache
     from epg.eval.sweep import sample_images
     from epg.sampling.generate import image_labels
-    from epg.sampling.options import FINETUNE_LEGACY_KEYS, fold_legacy, legacy_values
+    from epg.sampling.options import SamplingOptions
 
     torch.set_num_threads(opts.threads)
     device = _eval_device(opts)
     init = cfg["model"]["init_args"]
-    options = fold_legacy(init.get("sampling"), legacy_values(FINETUNE_LEGACY_KEYS, init), "epg demo")
-    sampler = options.resolved_sampler(OBJECTIVE_SAMPLERS[init["objective"]])
+    options = SamplingOptions.of(init.get("sampling"))
+    sampler = options.resolved_sampler(default_sampler(ckpt))
     model = load_denoiser(ckpt, ema=0)
     denoiser = model.denoiser.to(device)
     guidance = options.guidance

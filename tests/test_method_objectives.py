@@ -29,12 +29,12 @@ PAPER_TR = dict(p_mean=CM.p_mean, p_std=CM.p_std, q=CM.ect_q, kappa=CM.ect_kappa
 
 def diffusion_loss(denoiser, x0, y, generator=None, **options):
     """One evaluation of ``DiffusionLoss(**options)``."""
-    return DiffusionLoss(**options)(denoiser, x0, y, generator=generator)
+    return DiffusionLoss(**options).terms(denoiser, x0, y, generator=generator)
 
 
 def consistency_loss(denoiser, target, aux_net, x0, y, *, stage, generator=None, **options):
     """One evaluation of ``ConsistencyLoss(**options)`` at ECT stage ``stage``."""
-    return ConsistencyLoss(**options)(denoiser, target, aux_net, x0, y, stage, generator=generator)
+    return ConsistencyLoss(**options).terms(denoiser, target, aux_net, x0, y, stage, generator=generator)
 
 
 class ScaledInput(nn.Module):

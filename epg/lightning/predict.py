@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from epg.checkpoint import OBJECTIVE_SAMPLERS, read_global_step
+from epg.checkpoint import read_global_step
 from epg.lightning.faults import ConfigError
 from epg.sample import SampleRun, parse_args
 from epg.sampling.generate import SampleSettings
@@ -111,9 +111,10 @@ class SampleWriter(BasePredictionWriter):
         self._ema = ema
 
     # ---- the `epg sample` run this writer stands for -----------------------------------------------------------
-    def sample_argv(self, checkpoint: str, objective: str, out: str) -> list[str]:
-        """The `epg sample` arguments that make the same images into the same folder."""
-        sampler = self.sampling.resolved_sampler(OBJECTIVE_SAMPLERS.get(objective, "heun"))
+    def sample_argv(self, checkpoint: str, default_sampler: str, out: str) -> list[str]:
+        """The `epg sample` arguments that make the same images into the same folder (``default_sampler``: the
+        loss's, when none is named)."""
+        sampler = self.sampling.resolved_sampler(default_sampler)
         interval = format_interval(self.sampling.interval)
         ema = "none" if self.ema is None else str(self.ema)
         argv = [checkpoint, "--out", out, "--num", str(self.num), "--ema", ema, "--batch", str(self.batch)]
@@ -123,9 +124,9 @@ class SampleWriter(BasePredictionWriter):
         argv += ["--cfg", str(float(self.cfg))] if self.cfg is not None else []
         return argv + ([] if self.npz else ["--no-npz"])
 
-    def default_out(self, trainer: L.Trainer, checkpoint: str, objective: str) -> str:
+    def default_out(self, trainer: L.Trainer, checkpoint: str, default_sampler: str) -> str:
         """``<default_root_dir>/samples/<checkpoint>-step<N>_<ema>_<sampler><steps>_cfg<w>_<labels>_seed<s>_n<num>``."""
-        args = parse_args(self.sample_argv(checkpoint, objective, "-"))
+        args = parse_args(self.sample_argv(checkpoint, default_sampler, "-"))
         weights = "online" if self.ema is None else f"ema{self.ema}"
         cfg = 1.0 if self.cfg is None else self.cfg
         name = f"{Path(checkpoint).stem}-step{read_global_step(checkpoint)}_{weights}_{args.sampler}{args.steps}"
@@ -156,9 +157,9 @@ class SampleWriter(BasePredictionWriter):
         if self.ema is not None and copies and not 0 <= self.ema < copies:
             raise ConfigError("sample.ema", f"{self.ema}, but the checkpoint keeps {copies} EMA copies (None: online)")
         self._ema = self.ema if copies else None  # no EMA kept: the online weights, as `epg sample` does
-        objective = pl_module.hparams.get("objective", "diffusion")
-        out = self.out or self.default_out(trainer, checkpoint, objective)
-        argv = self.sample_argv(checkpoint, objective, out)
+        sampler = pl_module.loss.sampler
+        out = self.out or self.default_out(trainer, checkpoint, sampler)
+        argv = self.sample_argv(checkpoint, sampler, out)
         net = select_network(pl_module, self._ema, PROG)
         try:
             self.run = SampleRun.prepare(parse_args(argv), pl_module.denoiser(net), trainer.global_rank, PROG)
