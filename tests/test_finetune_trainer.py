@@ -42,7 +42,6 @@ def module(stage1: str, objective: str, **kwargs) -> FinetuneModule:
     return FinetuneModule(
         preset=NANO,
         network={"drop": 0.5} if objective == "consistency" else None,
-        objective=objective,
         init_from=stage1,
         warmup_steps=1,
         total_steps=50,
@@ -82,8 +81,9 @@ def test_fit_checkpoint_and_exact_resume(tmp_path, stage1, objective):
     assert any(k.startswith("aux_net.") for k in keys) == (objective == "consistency")  # resumes need no init_from
     assert any(k.startswith("ema_nets.1.") for k in keys)
     hp = ckpt["hyper_parameters"]
-    assert (hp["preset"], hp["objective"], hp["normalization"], list(hp["ema_rates"])) == (
-        NANO, objective, "imagenet", [0.5, 0.9])  # fmt: skip
+    loss = {"diffusion": "DiffusionLoss", "consistency": "ConsistencyLoss"}[objective]
+    assert (hp["preset"], hp["loss"]["class_path"], hp["normalization"], list(hp["ema_rates"])) == (
+        NANO, f"epg.method.objectives.{loss}", "imagenet", [0.5, 0.9])  # fmt: skip
 
     # The contract reader of epg.checkpoint: EMA by index, or the online weights.
     for ema, net in ((0, m.ema_nets[0]), (1, m.ema_nets[1]), (None, m.net)):
@@ -133,7 +133,7 @@ def test_resume_continues_the_uninterrupted_run(tmp_path, stage1):
 def test_validation_logs_losses_and_a_sample_grid(tmp_path, stage1):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    m = module(stage1, "diffusion", grid_size=4, sample_steps=3, val_sigmas=(0.5, 2.0))
+    m = module(stage1, "diffusion", grid_size=4, sampling={"steps": 3}, val_sigmas=(0.5, 2.0))
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     t = trainer(tmp_path, max_steps=2, logger=logger, limit_val_batches=2, val_check_interval=2)
     t.fit(m, loader(), loader(n=8, seed=1))
