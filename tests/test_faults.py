@@ -114,14 +114,14 @@ def test_nonfinite_watch_keeps_the_first_bad_step():
 def test_nan_in_dm_stops_naming_step_and_sigma(tmp_path, monkeypatch):
     """An inf pixel in one sample of step 2: the error names step 2 and that sample's σ'; no later checkpoint."""
     sigmas = []
-    real_loss = DiffusionLoss.__call__
+    real_terms = DiffusionLoss.terms
 
-    def recording_loss(self, denoiser, *args, **kwargs):
-        terms = real_loss(self, denoiser, *args, **kwargs)
+    def recording_terms(self, denoiser, *args, **kwargs):
+        terms = real_terms(self, denoiser, *args, **kwargs)
         sigmas.append(denoiser.shift * terms.sigma)
         return terms
 
-    monkeypatch.setattr(DiffusionLoss, "__call__", recording_loss)
+    monkeypatch.setattr(DiffusionLoss, "terms", recording_terms)
     torch.manual_seed(0)
     module = FinetuneModule(preset=NANO, warmup_steps=1, total_steps=10, ema_rates=(0.9,), sample_every_n_val=0)
     with pytest.raises(NonFiniteLossError) as info:

@@ -113,6 +113,38 @@ def test_fit_checkpoint_and_exact_resume(tmp_path, stage1, objective):
     assert not torch.equal(r.ema_nets[0].decoder.out.weight, m.ema_nets[0].decoder.out.weight)
 
 
+def test_a_fresh_fit_loads_init_from_and_a_resume_or_load_needs_no_stage1_file(tmp_path, stage1):
+    """The Trainer's configure_model reads init_from into the encoder (and the CM's aux_net) before the first step;
+    a checkpoint then resumes, and load_from_checkpoint loads, with the stage-1 file gone."""
+    import shutil
+
+    copy = tmp_path / "stage1.ckpt"
+    shutil.copy(stage1, copy)
+    m = module(str(copy), "consistency")
+    assert m.weights_from is None  # the constructor reads no weights
+    reference = module(str(copy), "consistency")
+    reference.load_stage1()
+    trainer(tmp_path, max_steps=0).fit(m, loader())
+    assert m.weights_from == "init_from"
+    _assert_same(m.net, reference.net)
+    _assert_same(m.aux_net, reference.aux_net)
+    _assert_same(m.ema_nets, reference.ema_nets)
+    trainer(tmp_path, max_steps=1).fit(m, loader())
+    path = tmp_path / "run.ckpt"
+    m.trainer.save_checkpoint(path)
+    copy.unlink()
+    loaded = FinetuneModule.load_from_checkpoint(path, weights_only=True)
+    assert loaded.weights_from == "checkpoint"
+    _assert_same(loaded.aux_net, m.aux_net)
+    _assert_same(loaded.ema_nets, m.ema_nets)
+    resumed = module(str(copy), "consistency")
+    trainer(tmp_path, max_steps=2).fit(resumed, loader(), ckpt_path=path)
+    assert resumed.updates == 2 and resumed.weights_from == "checkpoint"
+    _assert_same(resumed.aux_net, m.aux_net)
+    with pytest.raises(FileNotFoundError, match="init_from"):  # a fresh run without its stage-1 file
+        trainer(tmp_path, max_steps=1).fit(module(str(copy), "consistency"), loader())
+
+
 def test_resume_continues_the_uninterrupted_run(tmp_path, stage1):
     """Noise draws are seeded by (seed, step, rank), so 2 + 2 resumed steps equal 4 straight steps."""
     data = loader(n=4)  # one batch: the data order cannot differ after the resume

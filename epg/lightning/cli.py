@@ -498,8 +498,7 @@ def _loss_changes(model: Mapping, saved: Mapping) -> list[Change]:
 
 
 def _sampling_changes(model: Mapping, saved: Mapping) -> list[Change]:
-    """How the config's grid sampling options differ from the checkpoint's, each side with its deprecated flat keys
-    (``sample_steps``, …; the only form in checkpoints of older versions) folded in: compared field by field."""
+    """How the config's grid sampling options differ from the checkpoint's, compared field by field."""
 
     def options(values: Mapping) -> dict | None:
         try:

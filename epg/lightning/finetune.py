@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from epg.checkpoint import load_stage1_representation, stage1_config
-from epg.lightning.base import EPGModule, frozen_copy, param_groups
+from epg.lightning.base import frozen_copy, param_groups
+from epg.lightning.evaluation import DenoiserEvaluation
+from epg.lightning.stage1 import Stage1Weights, stage1_network
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine, warmup_steps_schedule
 from epg.method.normalization import NORMALIZATIONS
-from epg.method.objectives import DiffusionLoss, FinetuneLoss, build_loss, denoising_mse, seeded_generator
+from epg.method.objectives import DiffusionLoss, FinetuneLoss, build_loss, seeded_generator
 from epg.nn.network import EPGNetwork, build_network, build_representation
-from epg.nn.official import CheckpointMismatchError, load_into
-from epg.nn.presets import NetworkOptions, get_config, network_overrides, with_stage1_encoder
-from epg.sampling.generate import generate
-from epg.sampling.options import SamplingOptions, select_network
-
-if TYPE_CHECKING:
-    from epg.lightning.predict import SampleBatch
+from epg.nn.presets import NetworkOptions, get_config, network_overrides
+from epg.sampling.options import SamplingOptions
 
 LR_SCHEDULES = ("cosine", "steps")
 NO_DECAY = ("pos_embed", "cls_token")  # method.md §4, §5.5
@@ -31,7 +25,7 @@ NO_DECAY = ("pos_embed", "cls_token")  # method.md §4, §5.5
 UNSAVED = ("target_net.",)
 
 
-class FinetuneModule(EPGModule):
+class FinetuneModule(Stage1Weights, DenoiserEvaluation):
     """Fine-tune a stage-1 encoder plus a fresh decoder with a stage-2 ``loss`` (method.md §2.3, §4, §5).
 
     The loss object is the objective (:mod:`epg.method.objectives`): it owns its noise draws, weights and schedules
@@ -118,10 +112,7 @@ class FinetuneModule(EPGModule):
                 f"{type(loss).__name__} needs init_from: its auxiliary loss runs the frozen stage-1 network "
                 "(method.md §5.4); pass a PretrainModule checkpoint or an RCM file"
             )
-        network = network_overrides(network)
-        if init_from and os.path.exists(init_from):  # the encoder's shape: the file's hyper-parameters, no weights
-            stage1 = stage1_config(init_from, init_preset or preset)
-            network = with_stage1_encoder(preset, network, stage1) if stage1 is not None else network
+        network = stage1_network(preset, network_overrides(network), init_from, init_preset)
         self.save_hyperparameters(ignore=["loss"])
         self.hparams.network = network or None  # plain EPGConfig overrides (LightningCLI saves its parsed value)
         self.hparams.loss = loss.spec()  # plain class_path + init_args (LightningCLI saves its parsed value)
@@ -141,7 +132,7 @@ class FinetuneModule(EPGModule):
         self.hparams.sampling = self.sampling.as_dict()
         self.sample_sampler = self.sampling.resolved_sampler(loss.sampler)
 
-        # The frozen stage-1 network of the CM (§5.4) is built first, as reading init_from used to: the same draws.
+        # The CM's frozen stage-1 network (§5.4; weights from load_stage1 or a checkpoint), then the online network.
         config = get_config(preset, **(network or {}))
         self.aux_net = build_representation(config).requires_grad_(False).eval() if loss.needs_aux else None
         self.net: EPGNetwork = build_network(preset, **(network or {}))
@@ -149,73 +140,6 @@ class FinetuneModule(EPGModule):
         self.ema_nets = nn.ModuleList([frozen_copy(self.net) for _ in ema_rates])
         # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2).
         self.target_net = frozen_copy(self.net, train=True) if loss.needs_target else None
-        self.weights_from: str | None = None  # "init_from", "checkpoint" or "random" once the weights are set
-        self._val_count = 0
-        self._hp_source: torch.Tensor | None = None  # the val/fid value last logged as hp_metric
-
-    # ---- weights -----------------------------------------------------------------------------------------------
-    def load_stage1(self) -> None:
-        """Copy the stage-1 online encoder of ``init_from`` into ``net.encoder`` and the whole stage-1 network into
-        the CM's ``aux_net``, then restart the EMA copies and the target from the online weights (method.md §2.3).
-
-        The Trainer calls it from ``configure_model`` on a fresh run; call it to use the module without a Trainer.
-        """
-        path, hp = self.hparams.init_from, self.hparams
-        with torch.random.fork_rng(devices=[]):  # reading weights draws nothing from the run's random stream
-            representation = load_stage1_representation(path, preset=hp.init_preset or hp.preset)
-        try:
-            # Strict on the encoder: the projector is ignored and decoder/class-table keys are absent by design.
-            load_into(self.net.encoder, representation.encoder.state_dict())
-        except CheckpointMismatchError as err:
-            raise CheckpointMismatchError(
-                f"the stage-1 encoder in {path} does not fit preset {hp.preset} (network overrides {hp.network}): {err}"
-            ) from err
-        if self.aux_net is not None:
-            self.aux_net.load_state_dict(representation.state_dict())
-        for copy in [*self.ema_nets, *([self.target_net] if self.target_net is not None else [])]:
-            copy.load_state_dict(self.net.state_dict())
-        self.weights_from = "init_from"
-        rank_zero_info(
-            f"FinetuneModule: encoder initialised from {path}; decoder, class table and output layer are fresh "
-            "(method.md §2.3)"
-        )
-
-    def configure_model(self) -> None:
-        """Read ``init_from`` (when there and no checkpoint was loaded into this module), then shard and compile.
-
-        Lightning restores a ``ckpt_path`` only after this hook, so a resume reads the file when it is still there
-        and then overwrites those weights; without it, :meth:`check_weights` tells a resume from a missing file.
-        """
-        init_from = self.hparams.init_from
-        if self.weights_from is None and init_from and os.path.exists(init_from):
-            self.load_stage1()
-        super().configure_model()
-
-    def check_weights(self) -> None:
-        """After any checkpoint was restored: the weights came from init_from, a checkpoint, or (no init_from) are
-        random, the 'from scratch' ablation of method.md §9.6."""
-        if self.weights_from is not None:
-            return
-        if self.hparams.init_from:
-            raise FileNotFoundError(
-                f"stage-1 checkpoint {self.hparams.init_from} does not exist (model.init_args.init_from); train stage "
-                "1 first or point it at an RCM file"
-            )
-        rank_zero_warn(
-            "FinetuneModule: no init_from given, so the encoder starts from random weights "
-            "(the 'from scratch' ablation of method.md §9.6)"
-        )
-        self.weights_from = "random"
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.check_weights()
-
-    def on_validation_start(self) -> None:
-        self.check_weights()
-
-    def on_predict_start(self) -> None:
-        self.check_weights()
 
     # ---- networks ----------------------------------------------------------------------------------------------
     def denoiser(self, net: nn.Module | None = None) -> Denoiser:
@@ -265,75 +189,6 @@ class FinetuneModule(EPGModule):
         step = self.trainer.global_step if self._trainer is not None else self.updates  # skipped steps get new draws
         return seeded_generator(self.hparams.seed, step, micro_batch, 2, self.global_rank, device=device)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        # Stage 2's headline number: the in-loop FID (callbacks run before this hook) also becomes hp_metric.
-        fid = self.trainer.callback_metrics.get("val/fid")
-        if fid is not None and fid is not self._hp_source:
-            self._hp_source = fid
-            self.log_hp_metric(fid)
-
-    # ---- validation --------------------------------------------------------------------------------------------
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Denoising MSE at fixed unshifted σ levels with fixed noise: online per level, EMA averaged over levels."""
-        x, y = batch[0], batch[1]
-        y = y if self.net.class_embed is not None else None
-        generator = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
-        noise = torch.randn(x.shape, generator=generator).to(x)
-        log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
-        online = self.denoiser()
-        ema = self.denoiser(self.ema_nets[0]) if len(self.ema_nets) else None
-        losses, ema_losses = [], []
-        for sigma in self.hparams.val_sigmas:
-            mse = denoising_mse(online, x, y, sigma, noise).mean()
-            self.log(f"val/mse_sigma_{sigma:g}", mse, **log)
-            losses.append(mse)
-            if ema is not None:
-                ema_losses.append(denoising_mse(ema, x, y, sigma, noise).mean())
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, **log)
-        if ema_losses:
-            self.log("val/ema_loss", torch.stack(ema_losses).mean(), **log)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        self._val_count += 1
-        every = self.hparams.sample_every_n_val
-        if every <= 0 or (self._val_count - 1) % every or not self.trainer.is_global_zero:
-            return
-        experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if not hasattr(experiment, "add_image"):
-            return
-        grid = self.sample_grid()
-        if grid is not None:
-            experiment.add_image(f"samples/{self.sample_sampler}", grid, self.global_step)
-
-    @torch.no_grad()
-    def sample_grid(self, ema: bool = True) -> torch.Tensor | None:
-        """A (3, H, W) image grid in [0, 1] of ``grid_size`` samples, image i from noise fixed by (sampling.seed, i)
-        and label i mod C (``epg.sampling.image_grid``; EMA weights unless ``ema`` is False)."""
-        from epg.sampling.image_grid import sample_grid
-
-        net = select_network(self, 0 if ema and len(self.ema_nets) else None, "FinetuneModule")
-        was_training = net.training
-        net.eval()
-        try:
-            settings = self.sampling.settings(self.sample_sampler)
-            return sample_grid(self.denoiser(net), settings, self.hparams.grid_size, self.hparams.normalization)
-        finally:
-            net.train(was_training)
-
-    # ---- prediction (`epg predict`) ----------------------------------------------------------------------------
-    def predict_step(self, batch: SampleBatch, batch_idx: int = 0) -> torch.Tensor:
-        """uint8 images (B, H, W, 3) of a batch of image indices (`epg predict`, :mod:`epg.lightning.predict`).
-
-        Sampled by the one generate loop, :func:`epg.sampling.generate`, with the batch's settings and EMA copy, in
-        fp32 whatever the Trainer's precision unless the settings ask for autocast (method.md §8).
-        """
-        net = self.net if batch.ema is None else self.ema_nets[batch.ema]
-        with torch.autocast(self.device.type, enabled=False):
-            return generate(self.denoiser(net), batch.indices, batch.num, batch.settings, self.hparams.normalization)
-
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -342,9 +197,8 @@ class FinetuneModule(EPGModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Mark the weights as the checkpoint's and re-create the CM target from the saved online weights."""
+        """Re-create the CM target from the saved online weights."""
         super().on_load_checkpoint(checkpoint)
-        self.weights_from = "checkpoint"
         state = checkpoint.get("state_dict")
         if state is not None and self.target_net is not None:
             for key in self.target_net.state_dict():
