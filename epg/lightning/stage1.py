@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from epg.checkpoint import load_stage1_representation, stage1_config
 from epg.lightning.base import EPGModule
+from epg.nn.network import build_network, build_representation
 from epg.nn.official import CheckpointMismatchError, load_into
 from epg.nn.presets import with_stage1_encoder
 
@@ -18,11 +19,28 @@ from epg.nn.presets import with_stage1_encoder
 def stage1_network(preset: str, network: dict[str, Any], init_from: str | None, init_preset: str | None) -> dict:
     """``network`` overrides completed with the encoder shape of the stage-1 file ``init_from`` (read from its
     hyper-parameters only, no weights) where they do not set it; as given when there is no such file (a checkpoint's
-    ``network`` already records what was taken)."""
+    ``network`` already records what was taken). A shape that cannot take the file's encoder fails here, naming the
+    tensors (:func:`encoder_mismatch`), before any weights are read."""
     if not init_from or not os.path.exists(init_from):
         return network
     stage1 = stage1_config(init_from, init_preset or preset)
-    return with_stage1_encoder(preset, network, stage1) if stage1 is not None else network
+    if stage1 is None:
+        return network
+    network = with_stage1_encoder(preset, network, stage1)
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):  # shapes only: no memory, no random draws
+        ours, theirs = build_network(preset, **network).encoder, build_representation(stage1).encoder
+    try:
+        load_into(ours, theirs.state_dict())
+    except CheckpointMismatchError as err:
+        raise encoder_mismatch(init_from, preset, network, err) from err
+    return network
+
+
+def encoder_mismatch(path: str, preset: str, network: dict | None, err: Exception) -> CheckpointMismatchError:
+    """The error of a stage-1 encoder that does not fit the stage-2 network."""
+    return CheckpointMismatchError(
+        f"the stage-1 encoder in {path} does not fit preset {preset} (network overrides {network}): {err}"
+    )
 
 
 class Stage1Weights(EPGModule):
@@ -45,9 +63,7 @@ class Stage1Weights(EPGModule):
             # Strict on the encoder: the projector is ignored and decoder/class-table keys are absent by design.
             load_into(self.net.encoder, representation.encoder.state_dict())
         except CheckpointMismatchError as err:
-            raise CheckpointMismatchError(
-                f"the stage-1 encoder in {path} does not fit preset {hp.preset} (network overrides {hp.network}): {err}"
-            ) from err
+            raise encoder_mismatch(path, hp.preset, hp.network, err) from err
         if self.aux_net is not None:
             self.aux_net.load_state_dict(representation.state_dict())
         for copy in [*self.ema_nets, *([self.target_net] if self.target_net is not None else [])]:
