@@ -58,14 +58,17 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str]
 
 
 class EPGModule(L.LightningModule):
-    """Base module: counts applied (non-skipped) optimizer updates, which drive curricula, LR and EMA.
+    """Base module: trains ``self.loss`` (an :class:`~epg.method.objectives.Objective`) and counts applied
+    (non-skipped) optimizer updates, which drive curricula, LR and EMA.
 
-    Under "16-mixed" a GradScaler may skip a step on inf/NaN gradients (method.md §3.7); such a step does not
-    advance ``self.updates``, the LR schedule, the curricula or any EMA (method.md §11). Subclasses implement
+    The training step is the same for both stages: ``loss(self, batch, updates, generator)`` gives
+    :class:`~epg.method.objectives.Terms`, logged and watched by :meth:`log_terms`. Under "16-mixed" a GradScaler may
+    skip a step on inf/NaN gradients (method.md §3.7); such a step does not advance ``self.updates``, the LR schedule,
+    the curricula or any EMA (method.md §11). Subclasses implement :meth:`noise_generator`,
     :meth:`on_applied_update` and :meth:`lr_multiplier`.
 
-    Without a grad scaler (32-true, bf16-mixed) a NaN/inf loss is an error instead: subclasses pass each step's loss
-    and noise levels to :meth:`watch_loss`, and :class:`epg.lightning.faults.NonFiniteLossError` names the step and
+    Without a grad scaler (32-true, bf16-mixed) a NaN/inf loss is an error instead: each step's loss and noise
+    levels go to :meth:`watch_loss`, and :class:`epg.lightning.faults.NonFiniteLossError` names the step and
     σ' (checked on logging steps and before every checkpoint save, see :class:`~epg.lightning.faults.NonFiniteWatch`).
     With a grad scaler, more than ``max_consecutive_skips`` skipped steps in a row (a loss that stays NaN/inf, which
     the scaler would otherwise skip forever) raise the same error, naming the steps and the first bad σ'.

@@ -132,13 +132,9 @@ class PretrainModule(EPGModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
         self.batches_seen += 1
-        if self.global_step == 0 and batch_idx == 0:
-            self.log_views(batch[0], batch[1], batch[2])
+        if self.global_step == 0 and batch_idx == 0:  # once per run: the first crops x0 and their two views
+            log_view_grid(self, batch[0], batch[1], batch[2], 8)
         return loss
-
-    def log_views(self, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
-        """Once per run (step 0): the first ``count`` crops x0 and their two views (:func:`log_view_grid`)."""
-        log_view_grid(self, x0, v1, v2, count)
 
     # ---- hooks ----
     def configure_optimizers(self) -> dict:
