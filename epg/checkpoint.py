@@ -7,7 +7,8 @@ Three formats are accepted:
    "normalization": "imagenet"|"simple", "state_dict": {...}}``;
 2. a Lightning checkpoint (a file, or the folder of a sharded FSDP checkpoint) of
    :class:`epg.lightning.finetune.FinetuneModule`: ``hyper_parameters`` hold
-   ``preset``, ``network`` (EPGConfig overrides), ``objective``, ``normalization`` and ``ema_rates``; the state dict
+   ``preset``, ``network`` (EPGConfig overrides), ``loss`` (the objective's class path), ``normalization`` and
+   ``ema_rates``; the state dict
    holds the online network under ``net.`` and EMA copies under ``ema_nets.<i>.`` (i indexes ``ema_rates``);
 3. a released official checkpoint (needs ``preset``; method.md §12), see :func:`epg.load_official`.
 """
@@ -24,6 +25,7 @@ import torch
 
 from epg.io import recover_interrupted_swap, save_torch
 from epg.method.denoiser import Denoiser
+from epg.method.objectives import FinetuneLoss, loss_class, sampler_for
 from epg.nn.network import EPGNetwork, build_network
 from epg.nn.official import load_into, load_official_network
 from epg.nn.presets import EPGConfig, get_config
@@ -68,8 +70,7 @@ def _lightning_network(ckpt: dict, ema: int | None) -> tuple[EPGNetwork, str, st
     prefix = "net." if ema is None else f"ema_nets.{ema}."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     load_into(network, state)
-    objective = hp.get("objective", "diffusion")
-    parameterization = "edm" if objective == "consistency" else "x0"
+    parameterization = checkpoint_loss(hp).parameterization
     weights = "online" if ema is None else f"ema:{rates[ema]}"
     return network, parameterization, hp.get("normalization", "imagenet"), weights
 
@@ -121,25 +122,26 @@ def read_hyper_parameters(path: str | os.PathLike) -> tuple[dict, dict]:
     return dict(ckpt.get("hyper_parameters") or {}), dict(ckpt.get("datamodule_hyper_parameters") or {})
 
 
-# The sampler each objective needs when none is named: Heun for the diffusion model (method.md §6.1), the
-# 1-step consistency sampler for the consistency model (§6.5).
-OBJECTIVE_SAMPLERS = {"diffusion": "heun", "consistency": "consistency"}
-
-
-def checkpoint_objective(path: str | os.PathLike, parameterization: str | None = None) -> str:
-    """ "diffusion" or "consistency": what a FinetuneModule checkpoint records, or what an EPG network file's (or
-    the ``parameterization`` given for an official file) output form means ("edm" is the consistency model's)."""
-    ckpt = read_checkpoint_meta(path)
-    if parameterization is None and "pytorch-lightning_version" in ckpt:
-        return (ckpt.get("hyper_parameters") or {}).get("objective", "diffusion")
-    if parameterization is None and ckpt.get("epg_network_file"):
-        parameterization = ckpt.get("parameterization")
-    return "consistency" if parameterization == "edm" else "diffusion"
+def checkpoint_loss(hparams: dict) -> type[FinetuneLoss]:
+    """The stage-2 loss class a FinetuneModule's hyper-parameters name (``loss.class_path``)."""
+    spec = hparams.get("loss")
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError("Lightning checkpoint has no 'loss' hyper-parameter: is it a FinetuneModule checkpoint?")
+    cls = loss_class(spec)
+    if not (isinstance(cls, type) and issubclass(cls, FinetuneLoss)):
+        raise ValueError(f"the checkpoint's loss {spec['class_path']} is not a stage-2 loss (a FinetuneLoss)")
+    return cls
 
 
 def default_sampler(path: str | os.PathLike, parameterization: str | None = None) -> str:
-    """The sampler a checkpoint's objective needs (:data:`OBJECTIVE_SAMPLERS`), read without its weights."""
-    return OBJECTIVE_SAMPLERS[checkpoint_objective(path, parameterization)]
+    """The sampler a checkpoint needs when none is named, read without its weights: its loss's (a FinetuneModule
+    checkpoint), else that of the loss training its output form (a network file's, or ``parameterization``)."""
+    ckpt = read_checkpoint_meta(path)
+    if parameterization is None and "pytorch-lightning_version" in ckpt:
+        return checkpoint_loss(dict(ckpt.get("hyper_parameters") or {})).sampler
+    if parameterization is None and ckpt.get("epg_network_file"):
+        parameterization = ckpt.get("parameterization")
+    return sampler_for(parameterization or "x0")
 
 
 def stage1_config(path: str | os.PathLike, preset: str | None = None) -> EPGConfig | None:

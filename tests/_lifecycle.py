@@ -62,7 +62,7 @@ def config_kind(cfg: dict) -> str:
     """ "pretrain", "dm" or "cm"."""
     if cfg["model"]["class_path"].endswith("PretrainModule"):
         return "pretrain"
-    return "cm" if cfg["model"]["init_args"]["objective"] == "consistency" else "dm"
+    return "cm" if cfg["model"]["init_args"]["loss"]["class_path"].endswith("ConsistencyLoss") else "dm"
 
 
 class CPUFloat16(MixedPrecision):

@@ -35,22 +35,22 @@ def pure_loss_worker(rank: int, init_file: str, data: dict, out_dir: str) -> Non
 
 
 def module_loss_worker(rank: int, init_file: str, data: dict, out_dir: str) -> None:
-    """PretrainModule.compute_losses on this rank's half of the batch; grads averaged over ranks as DDP does."""
+    """RCMLoss.terms of a PretrainModule on this rank's half of the batch; grads averaged over ranks as DDP does."""
     _init(rank, init_file)
     try:
         module = make_module(data["state"])
         module.hparams.seed = 1234 + 1000 * rank  # a different seed: the index must still come from rank 0
-        index = module.draw_pair_index(7, 41)
+        index = module.loss.draw_pair_index(41, module.hparams.seed, 7)
         b = data["x0"].shape[0] // WORLD
         local = slice(rank * b, (rank + 1) * b)
         x0, v1, v2, eps = (data[k][local] for k in ("x0", "v1", "v2", "eps"))
-        out = module.compute_losses(x0, v1, v2, eps, *data["sigmas"], data["tau_r"])
-        out["loss"].backward()
+        out = module.loss.terms(module.online, module.target, x0, v1, v2, eps, *data["sigmas"], data["tau_r"])
+        out.loss.backward()
         grads = {}
         for name, p in module.online.named_parameters():
             dist.all_reduce(p.grad)
             grads[name] = p.grad / WORLD
-        result = {k: v.detach() for k, v in out.items()} | {"grads": grads, "index": index}
+        result = {"loss": out.loss.detach(), **out.logs} | {"grads": grads, "index": index}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -178,7 +178,8 @@ def test_consistency_run_resumes_without_its_stage1_file_and_samples_in_one_step
     stage1 = tmp_path / "stage1.ckpt"
     pre = write_stage1(stage1, network={"enc_dim": 48})  # stage 2 takes this width without retyping it
     root = tmp_path / "cm"
-    args = {"objective": "consistency", "init_from": str(stage1), "network": {"drop": 0.5}}
+    loss = {"class_path": "epg.method.objectives.ConsistencyLoss"}
+    args = {"loss": loss, "init_from": str(stage1), "network": {"drop": 0.5}}
     config = str(write(tmp_path / "cm.yaml", root, demo_data, total_steps=4, **args))
     assert main(["fit", "-c", config, "--trainer.max_steps", "2"]) == 0
     ckpt = load(root / "checkpoints" / "last.ckpt")
@@ -229,23 +230,16 @@ def test_config_mistakes_and_missing_gpus_are_one_line_errors(tmp_path, demo_dat
     )
 
 
-def test_resume_compares_grid_sampling_options_with_old_flat_keys_folded_in():
-    """A checkpoint's `sampling` (or, from older versions, its flat sample_* keys) against the config's: compared
-    field by field, so an unchanged setting resumes and a changed one is named."""
+def test_resume_compares_grid_sampling_options_field_by_field():
+    """A checkpoint's `sampling` against the config's: compared field by field, so an unchanged setting resumes
+    and a changed one is named."""
     from epg.lightning.cli import hparam_changes
 
-    old_ckpt = {"objective": "diffusion", "sample_guidance": 2.0, "sample_steps": 16}  # flat keys, older versions
-    new_ckpt = {"objective": "diffusion", "sampling": {"cfg": 2.0, "steps": 16, "interval": [0.19, 1.61]}}
-    same = {"objective": "diffusion", "sampling": {"cfg": 2.0, "steps": 16}}
-    for saved in (old_ckpt, new_ckpt):
-        assert hparam_changes(same, {}, {}, saved, {}) == []
-        changed = hparam_changes({**same, "sampling": {"cfg": 3.0, "steps": 16, "interval": None}}, {}, {}, saved, {})
-        assert [(c.option, c.old, c.new) for c in changed] == [
-            ("model.init_args.sampling.cfg", 2.0, 3.0),
-            ("model.init_args.sampling.interval", [0.19, 1.61], None),
-        ]
-    # the config's own flat keys (deprecated) count as well
-    assert (
-        hparam_changes({"objective": "diffusion", "sample_guidance": 2.0, "sample_steps": 16}, {}, {}, new_ckpt, {})
-        == []
-    )
+    saved = {"init_from": None, "sampling": {"cfg": 2.0, "steps": 16, "interval": [0.19, 1.61]}}
+    same = {"init_from": None, "sampling": {"cfg": 2.0, "steps": 16}}
+    assert hparam_changes(same, {}, {}, saved, {}) == []
+    changed = hparam_changes({**same, "sampling": {"cfg": 3.0, "steps": 16, "interval": None}}, {}, {}, saved, {})
+    assert [(c.option, c.old, c.new) for c in changed] == [
+        ("model.init_args.sampling.cfg", 2.0, 3.0),
+        ("model.init_args.sampling.interval", [0.19, 1.61], None),
+    ]

@@ -20,8 +20,8 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
     args = ["-c", str(ROOT / config), "--model.init_args.preset=EPG-Nano/4", "--trainer.accelerator=cpu"]
     args += ["--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32"]
     if "FinetuneModule" in text:
-        args += ["--model.init_args.init_from=null", "--model.init_args.objective=diffusion"]
-        args += ["--model.init_args.loss=null"]  # the diffusion objective's default loss
+        args += ["--model.init_args.init_from=null"]
+        args += ["--model.init_args.loss=null"]  # the default loss: DiffusionLoss
         args += ["--model.init_args.network={num_classes: 10}"]
     cli = run_lightning_cli(args, run=False)
     assert cli.model.hparams.preset == "EPG-Nano/4"

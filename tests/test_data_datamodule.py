@@ -252,10 +252,10 @@ def test_damage_is_named_while_reading(demo_copy):
     dm.setup("fit")
     with pytest.warns(UserWarning, match=r"damaged shard .*train-000003.tar: tar stream has a damaged member header"):
         assert len(list(dm.train_dataloader())) == 4
-    assert dm.num_lost >= 895 and dm.num_lost % 895 == 0
+    assert dm._health.lost >= 895 and dm._health.lost % 895 == 0
     dm = _dm(demo_copy, train_shards=str(train / "train-000003.tar"), num_workers=2, **options)
     assert len(list(dm.train_dataloader())) == 4
-    assert dm.num_lost >= 2 * 895 and dm.num_lost % 895 == 0  # counted in both worker processes
+    assert dm._health.lost >= 2 * 895 and dm._health.lost % 895 == 0  # counted in both worker processes
 
     remote = f"pipe:cat {train / 'train-000001.tar'}"
     options["samples_per_epoch"] = 480  # 30 batches
@@ -265,7 +265,7 @@ def test_damage_is_named_while_reading(demo_copy):
     loader.start = 29  # the fast-forward reads 464 samples: past the 451 that the shard still holds
     with pytest.warns(UserWarning, match="damaged shard pipe:cat .*train-000001.tar: tar stream ends without"):
         list(loader)
-    assert dm.num_lost >= 449
+    assert dm._health.lost >= 449
 
 
 def test_unrecorded_shards_load_with_a_note(demo_copy):

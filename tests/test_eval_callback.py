@@ -87,7 +87,7 @@ def test_callback_from_yaml_logs_fid_of_ema_samples(tmp_path, real, monkeypatch)
     path.write_text(yaml.safe_dump(config(tmp_path, str(real))))
     cli = LightningCLI(FinetuneModule, run=False, args=["--config", str(path)], save_config_kwargs={"overwrite": True})
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InLoopFID)]
-    assert (callback.every_n_steps, callback.num_samples, callback.steps, callback.ema_index) == (2, N, 3, 0)
+    assert (callback.every_n_steps, callback.num_samples, callback.sampling.steps, callback.ema_index) == (2, N, 3, 0)
     cli.trainer.fit(cli.model, loader())
 
     fid = float(cli.trainer.callback_metrics["val/fid"])
@@ -214,30 +214,9 @@ def test_guidance_interval_defaults_to_the_paper_and_none_guides_every_level():
     from epg.sampling.grid import GUIDANCE_INTERVAL
 
     paper = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"cfg": 2.0})
-    assert paper.guidance.scale == 2.0 and paper.guidance.interval == GUIDANCE_INTERVAL
+    assert paper.sampling.guidance.scale == 2.0 and paper.sampling.guidance.interval == GUIDANCE_INTERVAL
     every = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"cfg": 3.0, "interval": None})
-    assert every.guidance.interval is None
-    assert InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"cfg": 1.0}).guidance is None
-
-
-def test_legacy_flat_sampling_keys_still_work_with_a_warning_naming_the_new_key():
-    """InLoopFID's sampler/steps/guidance/guidance_interval of configs written before `sampling`."""
-    from epg.sampling.options import DeprecatedSamplingKey
-
-    with pytest.warns(DeprecatedSamplingKey) as seen:
-        old = InLoopFID(
-            every_n_steps=1, num_samples=8, reference="ref.npz", steps=16, guidance=3.0, guidance_interval=None
-        )
-    new = InLoopFID(
-        every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"steps": 16, "cfg": 3.0, "interval": None}
+    assert every.sampling.guidance.interval is None
+    assert (
+        InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", sampling={"cfg": 1.0}).sampling.guidance is None
     )
-    messages = {str(w.message) for w in seen}
-    assert "InLoopFID: `guidance_interval` is deprecated; use `sampling: {interval: ...}` instead" in messages
-    assert len(messages) == 3  # steps, guidance, guidance_interval
-    assert old.sampling == new.sampling and old.guidance == new.guidance and old.steps == 16
-    with pytest.warns(DeprecatedSamplingKey) as seen:
-        paper = InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=2.0)
-    assert [str(w.message) for w in seen] == ["InLoopFID: `guidance` is deprecated; use `sampling: {cfg: ...}` instead"]
-    assert paper.guidance.interval == (0.19, 1.61)  # the old default interval stays the paper's
-    with pytest.warns(DeprecatedSamplingKey):
-        assert InLoopFID(every_n_steps=1, num_samples=8, reference="ref.npz", guidance=1.0).guidance is None

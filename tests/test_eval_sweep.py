@@ -39,7 +39,10 @@ def write_lightning_checkpoint(path, rates=RATES, objective: str = "diffusion") 
     state = {f"net.{k}": v for k, v in nano_network(0).state_dict().items()}
     for i in range(len(rates)):
         state |= {f"ema_nets.{i}.{k}": v for k, v in nano_network(i + 1).state_dict().items()}
-    hparams = {"preset": NANO, "ema_rates": list(rates), "objective": objective, "normalization": "imagenet"}
+    loss = {
+        "class_path": f"epg.method.objectives.{'ConsistencyLoss' if objective == 'consistency' else 'DiffusionLoss'}"
+    }
+    hparams = {"preset": NANO, "ema_rates": list(rates), "loss": loss, "normalization": "imagenet"}
     torch.save({"pytorch-lightning_version": "2.6.0", "hyper_parameters": hparams, "state_dict": state}, path)
 
 

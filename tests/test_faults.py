@@ -22,11 +22,10 @@ from epg.lightning.faults import (
     NonFiniteLossError,
     NonFiniteWatch,
     SigtermCheckpoint,
-    nonfinite_span,
 )
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
-from epg.method.objectives import DiffusionLoss, RCMLoss
+from epg.method.objectives import ConsistencyLoss, DiffusionLoss, RCMLoss, nonfinite_span
 from tests._trainers import cpu_trainer
 from tests.test_finetune_module import write_stage1
 from tests.test_resume import ENV, REPO, demo_data, write_config  # noqa: F401  (demo_data is a fixture)
@@ -115,14 +114,14 @@ def test_nonfinite_watch_keeps_the_first_bad_step():
 def test_nan_in_dm_stops_naming_step_and_sigma(tmp_path, monkeypatch):
     """An inf pixel in one sample of step 2: the error names step 2 and that sample's σ'; no later checkpoint."""
     sigmas = []
-    real_loss = DiffusionLoss.__call__
+    real_terms = DiffusionLoss.terms
 
-    def recording_loss(self, denoiser, *args, **kwargs):
-        terms = real_loss(self, denoiser, *args, **kwargs)
+    def recording_terms(self, denoiser, *args, **kwargs):
+        terms = real_terms(self, denoiser, *args, **kwargs)
         sigmas.append(denoiser.shift * terms.sigma)
         return terms
 
-    monkeypatch.setattr(DiffusionLoss, "__call__", recording_loss)
+    monkeypatch.setattr(DiffusionLoss, "terms", recording_terms)
     torch.manual_seed(0)
     module = FinetuneModule(preset=NANO, warmup_steps=1, total_steps=10, ema_rates=(0.9,), sample_every_n_val=0)
     with pytest.raises(NonFiniteLossError) as info:
@@ -145,7 +144,7 @@ def test_nan_in_cm_names_t(tmp_path):
     write_stage1(tmp_path / "stage1.ckpt")
     torch.manual_seed(0)
     module = FinetuneModule(
-        preset=NANO, objective="consistency", init_from=str(tmp_path / "stage1.ckpt"), warmup_steps=1, total_steps=10
+        preset=NANO, loss=ConsistencyLoss(), init_from=str(tmp_path / "stage1.ckpt"), warmup_steps=1, total_steps=10
     )
     # The auxiliary InfoNCE contrasts the samples of a batch, so one NaN image spoils them all: the span is the batch's.
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 0 \(t' in \[[0-9.e-]+, [0-9.e-]+\];"):

@@ -44,7 +44,8 @@ def test_paper_rows_keep_the_paper_recipe(name):
     preset, objective, res = PAPER[name]
     args, data = cfg["model"]["init_args"], cfg["data"]
     image_size = get_config(args["preset"], **(args.get("network") or {})).image_size
-    assert (args["preset"], args["objective"], image_size) == (preset, objective, res)
+    loss = {"diffusion": "DiffusionLoss", "consistency": "ConsistencyLoss"}[objective]
+    assert (args["preset"], args["loss"]["class_path"], image_size) == (preset, f"epg.method.objectives.{loss}", res)
     assert (args["lr"], args["warmup_steps"], args["ema_rates"]) == (1e-4, 10_000, [0.9999])
     assert (data["global_batch_size"], data["normalization"]) == (1024, "imagenet")
     strategy = cfg["trainer"]["strategy"]

@@ -36,7 +36,6 @@ def test_short_finetune_lowers_the_loss(tmp_path, objective):
     m = FinetuneModule(
         preset=NANO,
         network={"drop": 0.1} if objective == "consistency" else None,
-        objective=objective,
         init_from=str(tmp_path / "stage1.ckpt"),
         lr=2e-3,
         warmup_steps=10,

@@ -11,7 +11,7 @@ import torch
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
 from epg.method.noise import edm_coefficients
-from epg.method.objectives import ConsistencyLoss
+from epg.method.objectives import ConsistencyLoss, RCMLoss, Terms
 from epg.nn.official import CheckpointMismatchError
 
 NANO = "EPG-Nano/4"
@@ -28,8 +28,14 @@ def write_stage1(
 
 
 def make(stage1: str | None, objective: str = "diffusion", **kwargs) -> FinetuneModule:
+    """A Nano module of the DM or CM ``objective`` with the stage-1 weights loaded (as a Trainer's fit would)."""
     kwargs.setdefault("network", {"drop": 0.5} if objective == "consistency" else None)
-    return FinetuneModule(preset=NANO, objective=objective, init_from=stage1, warmup_steps=2, total_steps=20, **kwargs)
+    if objective == "consistency":
+        kwargs.setdefault("loss", ConsistencyLoss())
+    module = FinetuneModule(preset=NANO, init_from=stage1, warmup_steps=2, total_steps=20, **kwargs)
+    if stage1 is not None:
+        module.load_stage1()
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +58,9 @@ def test_diffusion_init_loads_encoder_and_starts_at_zero(stage1):
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(m.denoiser()(x, torch.tensor([1.0, 3.0]), torch.tensor([0, 10])), torch.zeros_like(x))
     hp = m.hparams
-    assert (hp.preset, hp.objective, hp.normalization, tuple(hp.ema_rates)) == (
+    assert (hp.preset, hp.loss["class_path"], hp.normalization, tuple(hp.ema_rates)) == (
         NANO,
-        "diffusion",
+        "epg.method.objectives.DiffusionLoss",
         "imagenet",
         (0.9999,),
     )
@@ -72,8 +78,9 @@ def test_consistency_init_has_target_and_frozen_aux(stage1):
 
 
 def test_from_scratch_warns_and_consistency_requires_stage1():
+    module = make(None)
     with pytest.warns(UserWarning, match="from scratch"):
-        make(None)
+        module.check_weights()  # the Trainer's fit/validate/predict start, after any checkpoint was restored
     with pytest.raises(ValueError, match="init_from"):
         make(None, "consistency")
 
@@ -100,8 +107,8 @@ def test_encoder_shape_comes_from_the_stage1_file(tmp_path):
 
 
 def test_bad_options_are_rejected(stage1):
-    with pytest.raises(ValueError, match="objective"):
-        make(stage1[0], "flow")
+    with pytest.raises(ValueError, match="FinetuneLoss"):
+        make(stage1[0], loss=RCMLoss())  # a stage-1 loss is no stage-2 objective
     with pytest.raises(ValueError, match="lr_milestones"):
         make(stage1[0], lr_milestones=(10,), lr_factors=(0.3, 0.1))
 
@@ -124,7 +131,7 @@ def test_lr_schedules(stage1):
     dm = FinetuneModule(preset=NANO, init_from=stage1[0], warmup_steps=10, total_steps=110)
     assert [dm.lr_multiplier(k) for k in (0, 5, 10, 60, 110)] == pytest.approx([0, 0.5, 1, 0.5, 0])
     cm = FinetuneModule(
-        preset=NANO, objective="consistency", init_from=stage1[0], warmup_steps=10, lr_milestones=(40, 50)
+        preset=NANO, loss=ConsistencyLoss(), init_from=stage1[0], warmup_steps=10, lr_milestones=(40, 50)
     )
     assert [cm.lr_multiplier(k) for k in (5, 10, 40, 41, 50, 51, 99)] == pytest.approx(
         [0.5, 1, 1, 0.3, 0.3, 0.08, 0.08]
@@ -175,25 +182,17 @@ def test_ect_stage_follows_applied_updates(stage1, monkeypatch):
     m = make(stage1[0], "consistency", loss=ConsistencyLoss(ect_d0=4, ect_d1=4))
     seen = []
 
-    def fake_loss(self, denoiser, target, aux_net, x0, y, stage, **kwargs):
+    def fake_terms(self, denoiser, target, aux_net, x0, y, stage, generator=None):
         seen.append(stage)
-        return _Terms(torch.zeros((), requires_grad=True))
+        return Terms(loss=torch.zeros((), requires_grad=True), logs={}, span=(0.0, 0.0))
 
-    monkeypatch.setattr(ConsistencyLoss, "__call__", fake_loss)
+    monkeypatch.setattr(ConsistencyLoss, "terms", fake_terms)
     monkeypatch.setattr(m, "log", lambda *a, **k: None)
     batch = (torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
     for updates in (0, 3, 4, 7, 8, 13):
         m.updates = updates
         m.training_step(batch, 0)
     assert seen == [1, 1, 2, 2, 3, 4]
-
-
-class _Terms:
-    """Minimal stand-in for ConsistencyTerms."""
-
-    def __init__(self, loss: torch.Tensor) -> None:
-        self.loss = loss
-        self.consistency = self.aux = torch.zeros(2)
 
 
 def test_training_step_returns_finite_losses(stage1, monkeypatch):
@@ -232,41 +231,3 @@ def test_grid_guidance_interval_defaults_to_the_paper_and_none_guides_every_leve
     grid = module.sample_grid(ema=False)
     assert seen == [module.sampling.guidance]
     assert grid.shape == (3, 2 * 16 + 3 * 2, 2 * 16 + 3 * 2) and 0 <= grid.min() and grid.max() <= 1
-
-
-def test_legacy_flat_sampling_keys_are_folded_into_sampling_with_a_warning(stage1):
-    """Checkpoints and configs from before `sampling` (sample_guidance, sample_guidance_interval, …) still work."""
-    from epg.sampling.options import DeprecatedSamplingKey
-
-    legacy = dict(sample_sampler="euler", sample_steps=4, sample_guidance=3.0, sample_guidance_interval=None)
-    with pytest.warns(DeprecatedSamplingKey) as seen:
-        module = make(stage1[0], grid_seed=7, grid_size=4, **legacy)
-    assert {str(w.message).split("`")[1] for w in seen} == {*legacy, "grid_seed"}
-    assert "FinetuneModule: `sample_guidance` is deprecated; use `sampling: {cfg: ...}` instead" in {
-        str(w.message) for w in seen
-    }
-    options = module.sampling
-    assert (options.sampler, options.steps, options.cfg, options.interval, options.seed) == ("euler", 4, 3.0, None, 7)
-    # Saved as `sampling` only: a checkpoint of this module loads without the flat keys (and without warnings).
-    assert module.hparams.sampling == {**options.as_dict()} and "sample_guidance" not in module.hparams
-    assert module.sample_sampler == "euler" and module.sample_grid(ema=False).shape[0] == 3
-
-
-def test_a_checkpoint_of_the_flat_keys_loads_and_samples(stage1, tmp_path):
-    """hyper_parameters of a checkpoint written before `sampling` (flat sample_* keys) give the same options."""
-    import lightning as L
-
-    module = make(stage1[0], sampling={"steps": 3, "cfg": 2.0, "interval": None}, grid_size=4)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_steps=0)
-    trainer.strategy.connect(module)
-    path = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=False)
-    hp = ckpt["hyper_parameters"]
-    del hp["sampling"]
-    hp.update(sample_sampler=None, sample_steps=3, sample_guidance=2.0, sample_guidance_interval=None, grid_seed=0)
-    torch.save(ckpt, path)
-    with pytest.warns(FutureWarning):
-        old = FinetuneModule.load_from_checkpoint(path, map_location="cpu")
-    assert old.sampling == module.sampling
-    assert torch.equal(old.sample_grid(), module.sample_grid())

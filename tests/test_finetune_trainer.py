@@ -42,7 +42,6 @@ def module(stage1: str, objective: str, **kwargs) -> FinetuneModule:
     return FinetuneModule(
         preset=NANO,
         network={"drop": 0.5} if objective == "consistency" else None,
-        objective=objective,
         init_from=stage1,
         warmup_steps=1,
         total_steps=50,
@@ -82,8 +81,9 @@ def test_fit_checkpoint_and_exact_resume(tmp_path, stage1, objective):
     assert any(k.startswith("aux_net.") for k in keys) == (objective == "consistency")  # resumes need no init_from
     assert any(k.startswith("ema_nets.1.") for k in keys)
     hp = ckpt["hyper_parameters"]
-    assert (hp["preset"], hp["objective"], hp["normalization"], list(hp["ema_rates"])) == (
-        NANO, objective, "imagenet", [0.5, 0.9])  # fmt: skip
+    loss = {"diffusion": "DiffusionLoss", "consistency": "ConsistencyLoss"}[objective]
+    assert (hp["preset"], hp["loss"]["class_path"], hp["normalization"], list(hp["ema_rates"])) == (
+        NANO, f"epg.method.objectives.{loss}", "imagenet", [0.5, 0.9])  # fmt: skip
 
     # The contract reader of epg.checkpoint: EMA by index, or the online weights.
     for ema, net in ((0, m.ema_nets[0]), (1, m.ema_nets[1]), (None, m.net)):
@@ -113,6 +113,39 @@ def test_fit_checkpoint_and_exact_resume(tmp_path, stage1, objective):
     assert not torch.equal(r.ema_nets[0].decoder.out.weight, m.ema_nets[0].decoder.out.weight)
 
 
+def test_a_fresh_fit_loads_init_from_and_a_resume_or_load_needs_no_stage1_file(tmp_path, stage1):
+    """The Trainer's configure_model reads init_from into the encoder (and the CM's aux_net) before the first step;
+    a checkpoint then resumes, and load_from_checkpoint loads, with the stage-1 file gone."""
+    import shutil
+
+    copy = tmp_path / "stage1.ckpt"
+    shutil.copy(stage1, copy)
+    m = module(str(copy), "consistency")
+    assert m.weights_from is None  # the constructor reads no weights
+    reference = module(str(copy), "consistency")
+    reference.load_stage1()
+    trainer(tmp_path, max_steps=0).fit(m, loader())
+    assert m.weights_from == "init_from"
+    _assert_same(m.net.encoder, reference.net.encoder)
+    _assert_same(m.aux_net, reference.aux_net)
+    for clone in (*m.ema_nets, m.target_net):  # restarted from the loaded online weights
+        _assert_same(clone, m.net)
+    trainer(tmp_path, max_steps=1).fit(m, loader())
+    path = tmp_path / "run.ckpt"
+    m.trainer.save_checkpoint(path)
+    copy.unlink()
+    loaded = FinetuneModule.load_from_checkpoint(path, weights_only=True)
+    assert loaded.weights_from == "checkpoint"
+    _assert_same(loaded.aux_net, m.aux_net)
+    _assert_same(loaded.ema_nets, m.ema_nets)
+    resumed = module(str(copy), "consistency")
+    trainer(tmp_path, max_steps=2).fit(resumed, loader(), ckpt_path=path)
+    assert resumed.updates == 2 and resumed.weights_from == "checkpoint"
+    _assert_same(resumed.aux_net, m.aux_net)
+    with pytest.raises(FileNotFoundError, match="init_from"):  # a fresh run without its stage-1 file
+        trainer(tmp_path, max_steps=1).fit(module(str(copy), "consistency"), loader())
+
+
 def test_resume_continues_the_uninterrupted_run(tmp_path, stage1):
     """Noise draws are seeded by (seed, step, rank), so 2 + 2 resumed steps equal 4 straight steps."""
     data = loader(n=4)  # one batch: the data order cannot differ after the resume
@@ -133,7 +166,7 @@ def test_resume_continues_the_uninterrupted_run(tmp_path, stage1):
 def test_validation_logs_losses_and_a_sample_grid(tmp_path, stage1):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    m = module(stage1, "diffusion", grid_size=4, sample_steps=3, val_sigmas=(0.5, 2.0))
+    m = module(stage1, "diffusion", grid_size=4, sampling={"steps": 3}, val_sigmas=(0.5, 2.0))
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     t = trainer(tmp_path, max_steps=2, logger=logger, limit_val_batches=2, val_check_interval=2)
     t.fit(m, loader(), loader(n=8, seed=1))

@@ -13,11 +13,15 @@ from epg.method.curriculum import ect_sample_tr
 from epg.method.denoiser import Denoiser
 from epg.method.noise import karras_grid
 from epg.method.objectives import (
+    MOVED_KEYS,
     ConsistencyLoss,
     DiffusionLoss,
+    RCMLoss,
+    build_loss,
     denoising_mse,
     diffusion_weight,
     dm_loss_weight,
+    sampler_for,
     shared_dropout_pair,
 )
 from epg.nn.network import build_network
@@ -29,12 +33,12 @@ PAPER_TR = dict(p_mean=CM.p_mean, p_std=CM.p_std, q=CM.ect_q, kappa=CM.ect_kappa
 
 def diffusion_loss(denoiser, x0, y, generator=None, **options):
     """One evaluation of ``DiffusionLoss(**options)``."""
-    return DiffusionLoss(**options)(denoiser, x0, y, generator=generator)
+    return DiffusionLoss(**options).terms(denoiser, x0, y, generator=generator)
 
 
 def consistency_loss(denoiser, target, aux_net, x0, y, *, stage, generator=None, **options):
     """One evaluation of ``ConsistencyLoss(**options)`` at ECT stage ``stage``."""
-    return ConsistencyLoss(**options)(denoiser, target, aux_net, x0, y, stage, generator=generator)
+    return ConsistencyLoss(**options).terms(denoiser, target, aux_net, x0, y, stage, generator=generator)
 
 
 class ScaledInput(nn.Module):
@@ -244,3 +248,26 @@ def test_denoising_mse_is_deterministic_given_noise():
     den = Denoiser(ScaledInput(0.0), "x0", image_size=SIZE)  # D ≡ 0
     mse = denoising_mse(den, x0, None, 1.0, noise)
     assert mse.tolist() == pytest.approx(x0.square().flatten(1).mean(1).tolist())
+
+
+def test_the_loss_class_is_the_objective():
+    """What a module builds and samples around a loss is read off its class (method.md §1.5, §4–§6)."""
+    dm, cm = DiffusionLoss(), ConsistencyLoss()
+    assert (dm.parameterization, dm.sampler, dm.needs_target, dm.needs_aux) == ("x0", "heun", False, False)
+    assert (cm.parameterization, cm.sampler, cm.needs_target, cm.needs_aux) == ("edm", "consistency", True, True)
+    assert (dm.betas, dm.weight_decay, dm.lr_schedule, dm.grad_clip) == ((0.9, 0.999), 0.01, "cosine", 0.5)
+    assert (cm.betas, cm.weight_decay, cm.lr_schedule, cm.grad_clip) == ((0.9, 0.99), 0.03, "steps", None)
+    assert (sampler_for("x0"), sampler_for("edm")) == ("heun", "consistency")
+    spec = ConsistencyLoss(ect_d0=7).spec()
+    assert spec["class_path"] == "epg.method.objectives.ConsistencyLoss" and spec["init_args"]["ect_d0"] == 7
+    assert build_loss(spec, ConsistencyLoss, DiffusionLoss) == ConsistencyLoss(ect_d0=7)
+    with pytest.raises(ValueError, match="DiffusionLoss"):
+        build_loss(RCMLoss(), DiffusionLoss, DiffusionLoss)
+
+
+def test_moved_keys_name_the_new_dotted_key():
+    assert MOVED_KEYS["model.init_args.p_mean"] == "model.init_args.loss.init_args.p_mean"
+    assert MOVED_KEYS["model.init_args.loss_weighting"] == "model.init_args.loss.init_args.weighting"
+    assert MOVED_KEYS["model.init_args.ect_weighting"] == "model.init_args.loss.init_args.weighting"
+    assert MOVED_KEYS["model.init_args.sample_guidance"] == "model.init_args.sampling.cfg"
+    assert MOVED_KEYS["model.init_args.objective"] == "model.init_args.loss.class_path"

@@ -43,9 +43,11 @@ def test_module_loss_under_ddp_matches_single_process(tmp_path):
     data |= {"sigmas": (3.0, 2.0, 0.0005), "tau_r": 0.1, "state": module.state_dict()}
     ranks = _spawn(module_loss_worker, data, tmp_path)
 
-    out = module.compute_losses(data["x0"], data["v1"], data["v2"], data["eps"], *data["sigmas"], data["tau_r"])
-    out["loss"].backward()
-    assert ranks[0]["index"] == ranks[1]["index"] == module.draw_pair_index(7, 41)
+    inputs = (data[k] for k in ("x0", "v1", "v2", "eps"))
+    out = module.loss.terms(module.online, module.target, *inputs, *data["sigmas"], data["tau_r"])
+    out.loss.backward()
+    out = {"loss": out.loss, **out.logs}
+    assert ranks[0]["index"] == ranks[1]["index"] == module.loss.draw_pair_index(41, module.hparams.seed, 7)
     for key in ("loss", "loss_contrastive", "loss_consistency"):
         assert torch.stack([r[key] for r in ranks]).mean().item() == pytest.approx(out[key].item(), rel=1e-5)
     for name, p in module.online.named_parameters():

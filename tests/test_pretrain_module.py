@@ -20,29 +20,30 @@ def nano(**kwargs) -> PretrainModule:
 def test_curriculum_follows_the_paper_table():
     module = nano()  # K = 600K, N0 = 20, N1 = 1280 (method.md §3.2)
     table = {0: 21, 1: 41, 99_629: 41, 99_630: 81, 199_259: 161, 298_888: 321, 398_517: 641, 498_146: 1281}
-    assert {k: module.num_scales_at(k) for k in table} == table
-    assert module.num_scales_at(600_000) == 1281
+    assert {k: module.loss.num_scales(k, module.hparams.total_steps) for k in table} == table
+    assert module.loss.num_scales(600_000, module.hparams.total_steps) == 1281
 
 
 def test_pair_draw_over_steps():
     module = nano(total_steps=60, loss=RCMLoss(curriculum_n0=2, curriculum_n1=16))
+    seed = module.hparams.seed
     shift = 16 / 64
     previous = 0
     for step in range(61):
-        n = module.num_scales_at(step)
+        n = module.loss.num_scales(step, module.hparams.total_steps)
         assert n >= previous
         previous = n
-        index = module.draw_pair_index(step, n)
+        index = module.loss.draw_pair_index(n, module.hparams.seed, step)
         assert 0 <= index <= n - 2
         sigma_a, sigma_b, _ = pair_sigmas(index, n, shift)
         grid = karras_grid(n)
         assert (sigma_a, sigma_b) == pytest.approx((shift * float(grid[index]), shift * float(grid[index + 1])))
-        assert index == module.draw_pair_index(step, n)  # a pure function of (seed, step): restorable
+        assert index == module.loss.draw_pair_index(n, seed, step)  # a pure function of (seed, step): restorable
     assert previous == 17
-    draws = torch.tensor([module.draw_pair_index(step, 6) for step in range(2000)])
+    draws = torch.tensor([module.loss.draw_pair_index(6, seed, step) for step in range(2000)])
     counts = torch.bincount(draws, minlength=5)
     assert counts.shape[0] == 5 and (counts > 300).all(), counts  # uniform over 0..N−2, all indices drawn
-    assert len({module.draw_pair_index(s, 1281) for s in range(20)}) > 15  # new draws every step
+    assert len({module.loss.draw_pair_index(1281, seed, s) for s in range(20)}) > 15  # new draws every step
 
 
 def test_pair_sigmas_are_shifted_adjacent_grid_points():
@@ -55,19 +56,27 @@ def test_pair_sigmas_are_shifted_adjacent_grid_points():
 def test_noise_is_seeded_by_batch():
     module = nano()
     x = torch.zeros(2, 3, 16, 16)
-    assert torch.equal(module.noise_like(x, 5), module.noise_like(x, 5))  # keyed by the batch counter
-    assert not torch.equal(module.noise_like(x, 5), module.noise_like(x, 6))
+
+    def noise(batch: int) -> torch.Tensor:
+        module.batches_seen = batch
+        return module.loss.noise_like(x, module.noise_generator(x.device))
+
+    assert torch.equal(noise(5), noise(5))  # keyed by the batch counter
+    assert not torch.equal(noise(5), noise(6))
 
 
 def test_tau_schedules():
-    assert nano().consistency_tau(3.0, 0) == 0.1
+    def tau(module: PretrainModule, sigma_a: float, updates: int) -> float:
+        return module.loss.consistency_tau(sigma_a, updates, module.hparams.total_steps)
+
+    assert tau(nano(), 3.0, 0) == 0.1
     interp = nano(loss=RCMLoss(tau_schedule="interpolated", tau_min=0.1, tau_max=0.5))
-    assert interp.consistency_tau(SIGMA_MIN, 0) == pytest.approx(0.1)
-    assert interp.consistency_tau(SIGMA_MAX, 0) == pytest.approx(0.5)
+    assert tau(interp, SIGMA_MIN, 0) == pytest.approx(0.1)
+    assert tau(interp, SIGMA_MAX, 0) == pytest.approx(0.5)
     cosine = nano(loss=RCMLoss(tau_schedule="cosine", tau_min=0.1, tau_start=0.4, tau_end=0.2), total_steps=300)
-    assert cosine.consistency_tau(SIGMA_MAX, 0) == pytest.approx(0.4)
-    assert cosine.consistency_tau(SIGMA_MAX, 200) == pytest.approx(0.2)
-    assert cosine.consistency_tau(SIGMA_MAX, 300) == pytest.approx(0.2)
+    assert tau(cosine, SIGMA_MAX, 0) == pytest.approx(0.4)
+    assert tau(cosine, SIGMA_MAX, 200) == pytest.approx(0.2)
+    assert tau(cosine, SIGMA_MAX, 300) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="tau_schedule"):
         nano(loss=RCMLoss(tau_schedule="linear"))
 
@@ -96,7 +105,7 @@ def test_losses_match_a_direct_computation():
     b = 6
     x0, v1, v2, eps = (torch.randn(b, 3, 16, 16) for _ in range(4))
     sa, sb, s0 = 2.0, 1.5, 0.0005
-    out = module.compute_losses(x0, v1, v2, eps, sa, sb, s0, tau_r=0.1)
+    out = module.loss.terms(module.online, module.target, x0, v1, v2, eps, sa, sb, s0, tau_r=0.1)
 
     def run(net, x, sigma):  # (z, h) with a separate pass per input, as in the official step
         sigma = torch.full((b,), sigma)
@@ -111,16 +120,17 @@ def test_losses_match_a_direct_computation():
     _, h_a = run(module.online, x0 + sa * eps, sa)
     contrastive = _hand_nce(z1, k2, 0.2) + _hand_nce(z2, k1, 0.2)
     consistency = _hand_nce(h_a, h_b, 0.1)
-    assert out["loss_contrastive"].item() == pytest.approx(contrastive.mean().item(), rel=1e-5)
-    assert out["loss_consistency"].item() == pytest.approx(consistency.mean().item(), rel=1e-5)
-    assert out["loss"].item() == pytest.approx((contrastive + consistency).mean().item(), rel=1e-5)
+    assert out.contrastive.item() == pytest.approx(contrastive.mean().item(), rel=1e-5)
+    assert out.consistency.item() == pytest.approx(consistency.mean().item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((contrastive + consistency).mean().item(), rel=1e-5)
 
 
 def test_loss_gradients_reach_only_the_online_network():
     module = nano()
     module.train()
     x = torch.randn(4, 3, 16, 16)
-    module.compute_losses(x, x, x.flip(-1), torch.randn_like(x), 1.0, 0.8, 0.0005, 0.1)["loss"].backward()
+    eps = torch.randn_like(x)
+    module.loss.terms(module.online, module.target, x, x, x.flip(-1), eps, 1.0, 0.8, 0.0005, 0.1).loss.backward()
     assert all(p.grad is not None for p in module.online.parameters())
     assert all(p.grad is None and not p.requires_grad for p in module.target.parameters())
 
@@ -138,7 +148,9 @@ def test_both_terms_on_a_hand_example():
 
     v1, v2 = images((1, 0, 0), (0, 1, 0)), images((1, 1, 0), (0, 1, 0))
     x0, eps = images((1, 0, 0), (0, 0, 1)), images((0, 1, 0), (0, 0, 0))
-    out = module.compute_losses(x0, v1, v2, eps, sigma_a=1.0, sigma_b=0.0, sigma_0=0.0, tau_r=0.1)
+    out = module.loss.terms(
+        module.online, module.target, x0, v1, v2, eps, sigma_a=1.0, sigma_b=0.0, sigma_0=0.0, tau_r=0.1
+    )
     s, tc, tr = 1 / math.sqrt(2), 0.2, 0.1
     # NCE(v1 → v2): queries (1,0,0), (0,1,0); keys (1,1,0)/√2, (0,1,0).
     forward = [math.log(math.exp(s / tc) + 1) - s / tc, math.log(math.exp(s / tc) + math.exp(1 / tc)) - 1 / tc]
@@ -148,9 +160,9 @@ def test_both_terms_on_a_hand_example():
     consistency = [math.log(math.exp(s / tr) + 1) - s / tr, math.log(1 + math.exp(1 / tr)) - 1 / tr]
     contrastive = (sum(forward) + sum(backward)) / 2
     close = lambda value: pytest.approx(value, rel=1e-5, abs=1e-6)  # noqa: E731  (fp32 logsumexp)
-    assert out["loss_contrastive"].item() == close(contrastive)
-    assert out["loss_consistency"].item() == close(sum(consistency) / 2)
-    assert out["loss"].item() == close(contrastive + sum(consistency) / 2)
+    assert out.contrastive.item() == close(contrastive)
+    assert out.consistency.item() == close(sum(consistency) / 2)
+    assert out.loss.item() == close(contrastive + sum(consistency) / 2)
 
 
 def test_ema_update_math_and_modes():

@@ -34,7 +34,7 @@ class Recorder(L.Callback):
         self.rows: list[tuple] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        n = module.num_scales_at(module.updates - 1)  # the N(k) this step used
+        n = module.loss.num_scales(module.updates - 1, module.hparams.total_steps)  # the N(k) this step used
         self.rows.append((trainer.global_step, module.updates, n, round(float(outputs["loss"]), 5)))
 
 
@@ -80,9 +80,9 @@ def test_one_step_updates_projector_bn_like_the_four_official_passes():
     module = PretrainModule(**SMALL)
     reference = copy.deepcopy(module.online).train()
     x0, v1, v2, _ = next(iter(_loader()))
-    n = module.num_scales_at(0)
-    sigma_a, sigma_b, sigma_0 = pair_sigmas(module.draw_pair_index(0, n), n, module.shift)
-    eps = module.noise_like(x0, 0)  # the noise of the first batch
+    n = module.loss.num_scales(0, module.hparams.total_steps)
+    sigma_a, sigma_b, sigma_0 = pair_sigmas(module.loss.draw_pair_index(n, module.hparams.seed, 0), n, module.shift)
+    eps = module.loss.noise_like(x0, module.noise_generator(x0.device))  # the noise of the first batch
     passes = [(v1, sigma_0), (v2, sigma_0), (x0, sigma_a), (x0, sigma_b)]  # the official order of online passes
     with torch.no_grad():
         for x, sigma in passes:
@@ -128,7 +128,7 @@ def test_skipped_fp16_step_advances_nothing():
     assert (u0, u1, u2, u3) == (1, 2, 2, 3)
     assert lr2 == lr1 and torch.equal(t2, t1)  # no LR step, no EMA update on the skipped step
     assert not torch.equal(t3, t2) and lr3 != lr2
-    assert module.num_scales_at(module.updates) == 5  # N(3), not N(4) = 9
+    assert module.loss.num_scales(module.updates, module.hparams.total_steps) == 5  # N(3), not N(4) = 9
 
 
 class NanFrom(PretrainModule):

@@ -141,7 +141,7 @@ def test_random_labels_read_the_class_counts_of_the_training_shards(
     torch.save(
         {
             "pytorch-lightning_version": "2.6.0",
-            "hyper_parameters": {"preset": "EPG-Nano/4", "objective": "diffusion"},
+            "hyper_parameters": {"preset": "EPG-Nano/4", "loss": {"class_path": "epg.method.objectives.DiffusionLoss"}},
             "datamodule_hyper_parameters": {"train_shards": str(train)},
             "state_dict": {f"net.{k}": v for k, v in build_network("EPG-Nano/4").state_dict().items()},
         },

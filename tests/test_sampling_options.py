@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -13,10 +11,8 @@ from epg.sampling.grid import GUIDANCE_INTERVAL
 from epg.sampling.image_grid import grid_labels, pick_grid, sample_grid, tile
 from epg.sampling.options import (
     AUTOCAST,
-    DeprecatedSamplingKey,
     SamplingOptions,
     SamplingOptionsError,
-    fold_legacy,
     format_interval,
     parse_ema,
     parse_interval,
@@ -57,25 +53,6 @@ def test_options_check_and_build_settings():
         SamplingOptions.of({"guidance": 2.0})
     # A checkpoint's plain fields round-trip.
     assert SamplingOptions.of(options.as_dict()) == options and SamplingOptions.of(None) == SamplingOptions()
-
-
-def test_fold_legacy_warns_per_given_key_and_keeps_defaults_silent():
-    legacy = {
-        "sample_guidance": ("cfg", None, None),
-        "sample_guidance_interval": ("interval", [0.19, 1.61], GUIDANCE_INTERVAL),
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert fold_legacy({"cfg": 2.0}, legacy, "X") == SamplingOptions(cfg=2.0)  # defaults: no warning
-    legacy["sample_guidance"] = ("cfg", 3.0, None)
-    with pytest.warns(DeprecatedSamplingKey) as seen:
-        folded = fold_legacy(None, legacy, "X")
-    assert [str(w.message) for w in seen] == ["X: `sample_guidance` is deprecated; use `sampling: {cfg: ...}` instead"]
-    assert folded.cfg == 3.0 and folded.interval == GUIDANCE_INTERVAL
-    legacy["sample_guidance_interval"] = ("interval", None, GUIDANCE_INTERVAL)
-    with pytest.warns(DeprecatedSamplingKey) as seen:
-        assert fold_legacy(None, legacy, "X").interval is None  # None meant "every level"
-    assert sorted(str(w.message).split("`")[1] for w in seen) == ["sample_guidance", "sample_guidance_interval"]
 
 
 def test_settings_diff_names_the_changed_keys():

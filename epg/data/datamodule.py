@@ -191,11 +191,6 @@ class EPGDataModule(L.LightningDataModule):
         """Corrupt samples skipped so far by this process's loaders (all their workers)."""
         return self._health.skipped if self._health is not None else 0
 
-    @property
-    def num_lost(self) -> int:
-        """Samples lost to damaged shards so far in this process's loaders (recorded count minus samples read)."""
-        return self._health.lost if self._health is not None else 0
-
     # -- Lightning hooks ----------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:

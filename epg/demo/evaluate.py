@@ -75,7 +75,7 @@ def evaluate(ckpt: Path, data_dir: Path, demo: DemoSettings, cfg: dict, start: f
     """Grid PNG, FID against the val split and class accuracy of the EMA weights of a stage-2 checkpoint."""
     import torch
 
-    from epg.checkpoint import OBJECTIVE_SAMPLERS, load_denoiser
+    from epg.checkpoint import default_sampler, load_denoiser
     from epg.eval.digits import class_accuracy, load_or_train
     from epg.eval.inception import InceptionFeatures, pool_features
     from epg.eval.metrics import fid_to_reference
@@ -88,8 +88,8 @@ def evaluate(ckpt: Path, data_dir: Path, demo: DemoSettings, cfg: dict, start: f
     device = demo.eval_device
     out = demo.out
     init = cfg["model"]["init_args"]
-    options = SamplingOptions(**(init.get("sampling") or {}))  # the grid's sampling block of the config
-    sampler = options.resolved_sampler(OBJECTIVE_SAMPLERS[init["objective"]])
+    options = SamplingOptions.of(init.get("sampling"))  # the grid's sampling block of the config
+    sampler = options.resolved_sampler(default_sampler(ckpt))
     model = load_denoiser(ckpt, ema=0)
     denoiser = model.denoiser.to(device)
     guidance = options.guidance

@@ -108,7 +108,7 @@ def run_stage(
     last = run_dir / "checkpoints" / "last.ckpt"
     done, hparams = checkpoint_state(last)
     init = load_yaml(config)["model"]["init_args"]
-    for key in ("preset", "network", "objective"):
+    for key in ("preset", "network"):
         if done >= 0 and key in init and hparams.get(key) != init[key]:
             raise DemoError(
                 f"{name}: {last} was trained with {key}={hparams.get(key)!r}, but {config} has {init[key]!r}; "

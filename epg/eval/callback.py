@@ -40,7 +40,7 @@ from epg.eval.reference import ReferenceStats, cached_reference
 from epg.eval.reference_fid import ReferenceFID
 from epg.eval.sweep import rank_indices, sample_images
 from epg.sampling.image_grid import pick_grid
-from epg.sampling.options import DEFAULT_INTERVAL, SamplingOptions, fold_legacy, select_network
+from epg.sampling.options import SamplingOptions, select_network
 
 METRIC = "val/fid"
 
@@ -57,8 +57,6 @@ class InLoopFID(Callback):
             nothing is computed when ``trainer.max_steps`` ends the run before the first evaluation.
         sampling: :class:`~epg.sampling.options.SamplingOptions` (sampler, steps, CFG scale ``cfg``, guidance
             ``interval`` (default the paper's, §6.2; None: every level), labels, seed); the sampler defaults to heun.
-        sampler, steps, guidance, guidance_interval, seed, labels: deprecated flat keys of
-            ``sampling.sampler/steps/cfg/interval/seed/labels`` (accepted with a deprecation warning).
         ema_index: which of ``pl_module.ema_nets`` to sample (None: the online ``pl_module.net``).
         batch_size: images per sampling and Inception batch on each rank.
         log_grid: also log up to ``grid_size`` of rank 0's samples as an image, when the logger can.
@@ -78,23 +76,9 @@ class InLoopFID(Callback):
         log_grid: bool = True,
         cache_dir: str | None = None,
         grid_size: int = 16,
-        sampler: str | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | str | None = DEFAULT_INTERVAL,
-        seed: int | None = None,
-        labels: str | None = None,
     ) -> None:
         super().__init__()
-        legacy = {
-            "sampler": ("sampler", sampler, None),
-            "steps": ("steps", steps, None),
-            "guidance": ("cfg", guidance, None),
-            "guidance_interval": ("interval", guidance_interval, DEFAULT_INTERVAL),
-            "seed": ("seed", seed, None),
-            "labels": ("labels", labels, None),
-        }
-        self.sampling = fold_legacy(sampling, legacy, "InLoopFID")
+        self.sampling = SamplingOptions.of(sampling)
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(
                 f"InLoopFID: every_n_steps ({every_n_steps}) and batch_size ({batch_size}) must be ≥ 1 and "
@@ -103,14 +87,9 @@ class InLoopFID(Callback):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.reference_source = None if reference is None else str(reference)
-        self.sampler = self.sampling.resolved_sampler("heun")
-        self.steps = self.sampling.steps
-        self.guidance = self.sampling.guidance
         self.ema_index = ema_index
         self.batch_size = batch_size
-        self.seed = self.sampling.seed
         self.log_grid = log_grid
-        self.labels = self.sampling.labels
         self.cache_dir = cache_dir
         self.grid_size = grid_size
         self.reference: ReferenceStats | None = None
@@ -125,7 +104,7 @@ class InLoopFID(Callback):
         self._network(pl_module)  # fail now, not after the first M steps, on a module that does not fit
         if "normalization" not in pl_module.hparams:
             raise ValueError(f"InLoopFID: {type(pl_module).__name__}.hparams has no 'normalization' (imagenet|simple)")
-        if self.labels == "random":
+        if self.sampling.labels == "random":
             self.class_counts = self._training_class_counts(trainer)
         if 0 <= trainer.max_steps < self.every_n_steps:
             return  # no evaluation in this run: no reference, no Inception

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from epg.io import save_torch, seed_from
+from epg.io import save_torch
 from epg.lightning.faults import NonFiniteLossError, NonFiniteWatch
+from epg.method.objectives import Objective, Terms
 from epg.nn.flops import train_flops_per_image
 
 # The paper's fp16 GradScaler (method.md §3.7): init 2^14, growth 2^(1/1000) every step, backoff 0.5.
@@ -23,53 +22,11 @@ OPTIMIZER_IMPLS = ("fused", "foreach")  # AdamW implementations (EPGModule.make_
 PAPER_SCALER = {"init_scale": 2.0**14, "growth_factor": 2.0 ** (1 / 1000), "backoff_factor": 0.5, "growth_interval": 1}
 
 
-def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch Generator whose seed is a hash of the integers ``key`` (e.g. seed, step, stream, rank)."""
-    return torch.Generator(device=device).manual_seed(seed_from(*key))
-
-
-SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # unshifted σ edges of the per-bucket DM loss logs
-_RESTORING = contextvars.ContextVar("epg_restoring_checkpoint", default=False)
-
-
-@contextlib.contextmanager
-def restoring_checkpoint() -> Iterator[None]:
-    """FinetuneModules built inside read nothing from ``init_from``: the checkpoint loaded next holds the encoder and
-    the CM's frozen stage-1 network, so resuming never needs that file. ``network`` must then be the checkpoint's
-    (with the encoder fields it took from the stage-1 file), as EPGCLI and ``load_from_checkpoint`` pass it."""
-    token = _RESTORING.set(True)
-    try:
-        yield
-    finally:
-        _RESTORING.reset(token)
-
-
-def is_restoring() -> bool:
-    """True inside :func:`restoring_checkpoint`."""
-    return _RESTORING.get()
-
-
 def frozen_copy(net: nn.Module, train: bool = False) -> nn.Module:
     """A gradient-free deep copy of ``net`` in train or eval mode."""
     clone = copy.deepcopy(net)
     clone.requires_grad_(False)
     return clone.train(train)
-
-
-def log_sigma_buckets(module: L.LightningModule, sigma: torch.Tensor, weighted: torch.Tensor) -> None:
-    """Log the mean weighted DM loss per unshifted-σ bucket of :data:`SIGMA_BUCKETS` (rank-local, only the buckets
-    present) as ``train/loss_sigma_<bucket>``."""
-    edges = torch.tensor(SIGMA_BUCKETS, device=sigma.device, dtype=sigma.dtype)
-    bucket = torch.bucketize(sigma, edges)
-    names = [f"lt{SIGMA_BUCKETS[0]:g}"]
-    names += [f"{lo:g}-{hi:g}" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:], strict=True)]
-    names += [f"ge{SIGMA_BUCKETS[-1]:g}"]
-    for i in bucket.unique().tolist():
-        mask = bucket == i
-        count = int(mask.sum())
-        module.log(
-            f"train/loss_sigma_{names[i]}", weighted[mask].mean(), on_step=True, on_epoch=False, batch_size=count
-        )
 
 
 def write_stage1_file(path: str | os.PathLike, hparams: dict, state: dict, updates: int) -> None:
@@ -101,14 +58,17 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: Iterable[str]
 
 
 class EPGModule(L.LightningModule):
-    """Base module: counts applied (non-skipped) optimizer updates, which drive curricula, LR and EMA.
+    """Base module: trains ``self.loss`` (an :class:`~epg.method.objectives.Objective`) and counts applied
+    (non-skipped) optimizer updates, which drive curricula, LR and EMA.
 
-    Under "16-mixed" a GradScaler may skip a step on inf/NaN gradients (method.md §3.7); such a step does not
-    advance ``self.updates``, the LR schedule, the curricula or any EMA (method.md §11). Subclasses implement
+    The training step is the same for both stages: ``loss(self, batch, updates, generator)`` gives
+    :class:`~epg.method.objectives.Terms`, logged and watched by :meth:`log_terms`. Under "16-mixed" a GradScaler may
+    skip a step on inf/NaN gradients (method.md §3.7); such a step does not advance ``self.updates``, the LR schedule,
+    the curricula or any EMA (method.md §11). Subclasses implement :meth:`noise_generator`,
     :meth:`on_applied_update` and :meth:`lr_multiplier`.
 
-    Without a grad scaler (32-true, bf16-mixed) a NaN/inf loss is an error instead: subclasses pass each step's loss
-    and noise levels to :meth:`watch_loss`, and :class:`epg.lightning.faults.NonFiniteLossError` names the step and
+    Without a grad scaler (32-true, bf16-mixed) a NaN/inf loss is an error instead: each step's loss and noise
+    levels go to :meth:`watch_loss`, and :class:`epg.lightning.faults.NonFiniteLossError` names the step and
     σ' (checked on logging steps and before every checkpoint save, see :class:`~epg.lightning.faults.NonFiniteWatch`).
     With a grad scaler, more than ``max_consecutive_skips`` skipped steps in a row (a loss that stays NaN/inf, which
     the scaler would otherwise skip forever) raise the same error, naming the steps and the first bad σ'.
@@ -122,6 +82,46 @@ class EPGModule(L.LightningModule):
         self._loss_watch = NonFiniteWatch()
         self._grads_unscaled = False  # set once this step's gradients are unscaled (see unscale_gradients)
         self.clipped_updates = 0  # optimizer steps whose gradients went through the clip (this process)
+
+    loss: Objective  # the training objective (epg.method.objectives), set by subclasses
+
+    # ---- the training step: the loss object's terms, logged and watched ----
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        generator = self.noise_generator(batch[0].device, self.micro_batch(batch_idx))
+        terms = self.loss(self, batch, self.updates, generator)
+        self.log_terms(terms, batch[0].shape[0])
+        return terms.loss
+
+    def noise_generator(self, device: torch.device, micro_batch: int = 0) -> torch.Generator:
+        """Generator of this batch's noise draws, given its index among the micro-batches of one optimizer step
+        (subclasses seed it so that a resumed run continues with the draws it would have made)."""
+        raise NotImplementedError
+
+    # Whether train/loss goes on the progress bar (which syncs with the device every step).
+    loss_on_progress_bar: bool = False
+
+    def log_terms(self, terms: Terms, batch_size: int) -> None:
+        """Record ``terms`` for the NaN/inf check and log ``train/loss``, its ``logs`` and, on logging steps, the
+        loss's ``details``."""
+        self.watch_loss(terms.loss, *terms.span, label=terms.label)
+        log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("train/loss", terms.loss.detach(), prog_bar=self.loss_on_progress_bar, **log)
+        for name, value in terms.logs.items():
+            if isinstance(value, torch.Tensor):
+                self.log(f"train/{name}", value, **log)
+            else:  # the same number on every rank
+                self.log(f"train/{name}", float(value), rank_zero_only=True, **log)
+        if self.logging_step():
+            for name, (value, count) in self.loss.details(terms).items():
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=count)
+
+    def logging_step(self) -> bool:
+        """True on the steps the Trainer logs (and outside a Trainer)."""
+        return self._trainer is None or self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
+    def micro_batch(self, batch_idx: int) -> int:
+        """Index of this batch among the accumulated micro-batches of one optimizer step (0 without accumulation)."""
+        return batch_idx % self.trainer.accumulate_grad_batches if self._trainer is not None else 0
 
     # ---- hooks for subclasses ----
     def on_applied_update(self) -> None:

@@ -31,13 +31,13 @@ from epg.data.shards import expand_shards, is_remote
 from epg.io import recover_interrupted_swap
 from epg.lightning.base import EPGModule
 from epg.lightning.faults import AtomicCheckpointIO, ConfigError, LoggerVersions, SigtermCheckpoint
-from epg.lightning.finetune import FinetuneModule, restoring_checkpoint
+from epg.lightning.finetune import FinetuneModule
 from epg.lightning.predict import SampleWriter
 from epg.lightning.pretrain import PretrainModule
-from epg.method.objectives import LEGACY_KEYS, Objective, legacy_key_message, loss_kind, loss_spec, migrate_hparams
+from epg.method.objectives import MOVED_KEYS, DiffusionLoss, Objective, RCMLoss, build_loss
 from epg.nn.official import CheckpointMismatchError
 from epg.nn.presets import ENCODER_FIELDS, NetworkOptions, get_config, with_stage1_encoder
-from epg.sampling.options import FINETUNE_LEGACY_KEYS, DeprecatedSamplingKey, fold_legacy, legacy_values
+from epg.sampling.options import SamplingOptions
 
 # Exception types that, raised while building the model/data/trainer from a config, mean a bad config value.
 CONFIG_EXCEPTIONS = (ValueError, TypeError, KeyError, FileNotFoundError, CheckpointMismatchError)
@@ -63,7 +63,7 @@ RESUME_FREE = {
     "network": {"grad_checkpointing"},
 }
 # ... and those it never can, even with --accept_changed_hparams: the checkpoint's tensors would not fit.
-ARCHITECTURE = {"model": {"preset", "objective"}, "data": {"stage"}}
+ARCHITECTURE = {"model": {"preset"}, "data": {"stage"}}
 NETWORK_TUNABLE = {"drop"}  # network fields that are no shape
 STAGE1_FIELDS = (*ENCODER_FIELDS, "dec_depth")  # network fields a fine-tuning run may take from its init_from
 
@@ -151,10 +151,7 @@ class EPGCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         given = sys.argv[1:] if args is None else args
         refuse_link_targets(given)
-        refuse_legacy_loss_keys(given)
-        moved = move_legacy_loss_flags(given)
-        if moved is not given:
-            args = moved
+        refuse_moved_keys(given)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
             super().parse_arguments(parser, args)
@@ -233,8 +230,7 @@ class EPGCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         try:
-            with restoring_checkpoint() if self._checkpoint else contextlib.nullcontext():
-                super().instantiate_classes()
+            super().instantiate_classes()
         except (*CONFIG_EXCEPTIONS, MisconfigurationException) as err:
             converted = config_error(err, _plain(self._section()))
             if converted is None:
@@ -464,13 +460,12 @@ def hparam_changes(
 ) -> list[Change]:
     """How the config (model init args, its network overrides and data args) differs from a checkpoint's saved
     hyper-parameters, leaving out what a resume may change freely (:data:`RESUME_FREE`)."""
-    if ("objective" in model) != ("objective" in saved):
+    if ("init_from" in model) != ("init_from" in saved):  # only stage 2 starts from a stage-1 file
         stage = {True: "stage 2 (FinetuneModule)", False: "stage 1 (PretrainModule)"}
-        return [Change("model.class_path", stage["objective" in saved], stage["objective" in model], fixed=True)]
-    saved = migrate_hparams(saved)  # a checkpoint of the flat loss keys: compared as its loss object
+        return [Change("model.class_path", stage["init_from" in saved], stage["init_from" in model], fixed=True)]
     changes = _loss_changes(model, saved) if "loss" in model and "loss" in saved else []
-    sampling_keys = {"sampling", *FINETUNE_LEGACY_KEYS}
-    if "objective" in saved:
+    sampling_keys = {"sampling"}
+    if "init_from" in saved:
         changes += _sampling_changes(model, saved)
     for key in sorted(set(model) & set(saved) - RESUME_FREE["model"] - {"network", "loss"} - sampling_keys):
         old, new = _norm(saved[key]), _norm(model[key])
@@ -489,30 +484,27 @@ def hparam_changes(
 
 def _loss_changes(model: Mapping, saved: Mapping) -> list[Change]:
     """How the config's loss object differs from the checkpoint's: its class, or each init arg that differs."""
-    kind = loss_kind(saved)
+    default = DiffusionLoss if "init_from" in saved else RCMLoss
     try:
-        old, new = loss_spec(_plain(saved["loss"]), kind), loss_spec(_plain(model["loss"]), kind)
+        old = build_loss(_plain(saved["loss"]), Objective, default).spec()
+        new = build_loss(_plain(model["loss"]), Objective, default).spec()
     except (ValueError, TypeError, ImportError, AttributeError):
         return []  # the module's constructor names the bad value
-    if old["class_path"] != new["class_path"]:
-        return [Change("model.init_args.loss.class_path", old["class_path"], new["class_path"])]
+    if old["class_path"] != new["class_path"]:  # another objective: other networks (the CM's aux_net)
+        return [Change("model.init_args.loss.class_path", old["class_path"], new["class_path"], fixed=True)]
     args = "model.init_args.loss.init_args"
     old_args, new_args = _norm(old["init_args"]), _norm(new["init_args"])
     return [Change(f"{args}.{k}", old_args[k], new_args[k]) for k in sorted(old_args) if old_args[k] != new_args[k]]
 
 
 def _sampling_changes(model: Mapping, saved: Mapping) -> list[Change]:
-    """How the config's grid sampling options differ from the checkpoint's, each side with its deprecated flat keys
-    (``sample_steps``, …; the only form in checkpoints of older versions) folded in: compared field by field."""
+    """How the config's grid sampling options differ from the checkpoint's, compared field by field."""
 
     def options(values: Mapping) -> dict | None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecatedSamplingKey)
-            try:
-                legacy = legacy_values(FINETUNE_LEGACY_KEYS, values)
-                return fold_legacy(_plain(values.get("sampling")), legacy, "resume").as_dict()
-            except (ValueError, TypeError):
-                return None  # the module's constructor names the bad value
+        try:
+            return SamplingOptions.of(_plain(values.get("sampling"))).as_dict()
+        except (ValueError, TypeError):
+            return None  # the module's constructor names the bad value
 
     old, new = options(saved), options(model)
     if old is None or new is None:
@@ -564,41 +556,18 @@ def refuse_link_targets(args: Any) -> None:
             )
 
 
-_LEGACY_FLAGS = {key: new for table in LEGACY_KEYS.values() for key, new in table.items()}
-
-
-def _option(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("-")
-
-
-def move_legacy_loss_flags(args: Any) -> Any:
-    """``args`` with the flat loss options of older versions (``--model.init_args.ect_d0 N``, ...) moved to the loss
-    object's (``--model.init_args.loss.init_args.ect_d0 N``), with a deprecation warning; ``args`` itself if none."""
-    if not isinstance(args, list | tuple):
-        return args
-    moved, old = [], []
-    for arg in map(str, args):
-        name = _option(arg)
-        key = name.removeprefix("model.init_args.").removeprefix("model.")
-        if arg.startswith("--") and key != name and key in _LEGACY_FLAGS:
-            old.append(name)
-            arg = f"--model.init_args.loss.init_args.{_LEGACY_FLAGS[key]}" + arg[len(name) + 2 :]
-        moved.append(arg)
-    if not old:
-        return args
-    rank_zero_warn(
-        f"{', '.join(old)}: deprecated, the loss settings moved into the loss object; passed on as "
-        + ", ".join(f"model.init_args.loss.init_args.{_LEGACY_FLAGS[_option(o).split('.')[-1]]}" for o in old)
-    )
-    return moved
-
-
-def refuse_legacy_loss_keys(args: Any) -> None:
-    """A :class:`ConfigError` naming the new option when a config file that ``args`` name sets a flat loss key of
-    older versions under ``model.init_args`` (e.g. ``p_mean``: now ``model.init_args.loss.init_args.p_mean``)."""
+def refuse_moved_keys(args: Any) -> None:
+    """A :class:`ConfigError` naming the new key when ``args``, or a config file they name, set a key of the releases
+    before the loss and sampling objects (:data:`~epg.method.objectives.MOVED_KEYS`, e.g. ``model.init_args.p_mean``:
+    now ``model.init_args.loss.init_args.p_mean``)."""
     if not isinstance(args, list | tuple):
         return
     args = [str(a) for a in args]
+    for arg in args:
+        name = arg.split("=", 1)[0].lstrip("-")
+        old = name if name in MOVED_KEYS else name.replace("model.", "model.init_args.", 1)
+        if arg.startswith("--") and old in MOVED_KEYS:
+            raise ConfigError(old, f"moved: set {MOVED_KEYS[old]} instead")
     files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")]
     files += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
     for path in files:
@@ -609,13 +578,10 @@ def refuse_legacy_loss_keys(args: Any) -> None:
             if not isinstance(model, Mapping):
                 continue
             init = model.get("init_args") if isinstance(model.get("init_args"), Mapping) else model
-            kind = "rcm" if str(model.get("class_path", "")).endswith("PretrainModule") else "finetune"
             for key in init:
-                message = legacy_key_message(key, kind) or legacy_key_message(
-                    key, "finetune" if kind == "rcm" else "rcm"
-                )
-                if message:
-                    raise ConfigError(f"model.init_args.{key}", f"{message} (in {path})")
+                if f"model.init_args.{key}" in MOVED_KEYS:
+                    new = MOVED_KEYS[f"model.init_args.{key}"]
+                    raise ConfigError(f"model.init_args.{key}", f"moved: set {new} instead (in {path})")
 
 
 def check_devices(trainer: Namespace) -> None:
@@ -677,7 +643,7 @@ def check_config(model_args: Mapping, data: Mapping, subcommand: str | None = No
         classes = data.get("num_classes")
         if (
             subcommand
-            and "objective" in model_args
+            and "init_from" in model_args
             and config.num_classes
             and classes not in (None, config.num_classes)
         ):

@@ -3,7 +3,6 @@ versions kept across resumes, non-finite losses."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
@@ -189,19 +188,6 @@ class LoggerVersions(Callback):
 
 
 # ---- non-finite loss -----------------------------------------------------------------------------------------------
-def nonfinite_span(per_sample: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) of ``values`` over the samples whose ``per_sample`` loss is not finite (all samples if none is).
-
-    Device tensors, no host sync: ``values`` are the per-sample noise levels σ' of the batch.
-    """
-    values = values.detach().float().reshape(-1)
-    bad = ~torch.isfinite(per_sample.detach().reshape(-1))
-    pick = bad | ~bad.any()
-    lo = torch.where(pick, values, torch.full_like(values, math.inf)).amin()
-    hi = torch.where(pick, values, torch.full_like(values, -math.inf)).amax()
-    return lo, hi
-
-
 def _scalar(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     """A 0-d float32 tensor on ``device``; Python numbers become a fill kernel, not a (syncing) host copy."""
     if isinstance(value, torch.Tensor):

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from epg.checkpoint import OBJECTIVE_SAMPLERS, read_global_step
+from epg.checkpoint import read_global_step
 from epg.lightning.faults import ConfigError
 from epg.sampling.generate import SampleSettings
 from epg.sampling.grid import GUIDANCE_INTERVAL
@@ -119,9 +119,10 @@ class SampleWriter(BasePredictionWriter):
         self._start = self._last_report = 0.0
 
     # ---- the `epg sample` run this writer stands for -----------------------------------------------------------
-    def sample_run(self, checkpoint: str, objective: str, out: str | os.PathLike) -> SampleRun:
-        """The :class:`SampleRun` of these options: the images of `epg sample` with the same options, same folder."""
-        sampler = self.sampling.resolved_sampler(OBJECTIVE_SAMPLERS.get(objective, "heun"))
+    def sample_run(self, checkpoint: str, default_sampler: str, out: str | os.PathLike) -> SampleRun:
+        """The :class:`SampleRun` of these options: the images of `epg sample` with the same options, same folder
+        (``default_sampler``: the loss's, when none is named)."""
+        sampler = self.sampling.resolved_sampler(default_sampler)
         options = dataclasses.replace(self.sampling, sampler=sampler)
         return SampleRun(
             checkpoint,
@@ -169,10 +170,9 @@ class SampleWriter(BasePredictionWriter):
         if self.ema is not None and copies and not 0 <= self.ema < copies:
             raise ConfigError("sample.ema", f"{self.ema}, but the checkpoint keeps {copies} EMA copies (None: online)")
         self._ema = self.ema if copies else None  # no EMA kept: the online weights, as `epg sample` does
-        objective = pl_module.hparams.get("objective", "diffusion")
         net = select_network(pl_module, self._ema, PROG)
         try:
-            run = self.sample_run(checkpoint, objective, self.out or ".")
+            run = self.sample_run(checkpoint, pl_module.loss.sampler, self.out or ".")
             if not self.out:  # the default folder is named after the resolved sampler and steps
                 run = dataclasses.replace(run, out=Path(self.default_out(trainer, checkpoint, run)))
             self.run = run.open(pl_module.denoiser(net), trainer.global_rank)

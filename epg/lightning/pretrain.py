@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from epg.lightning.base import EPGModule, param_groups, seeded_generator, write_stage1_file
+from epg.lightning.base import EPGModule, param_groups, write_stage1_file
 from epg.lightning.knn import (
     bank_accuracy,
     cls_features,
@@ -26,11 +26,10 @@ from epg.lightning.knn import (
     log_view_grid,
     training_bank_loader,
 )
-from epg.method.curriculum import pair_sigmas
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine
 from epg.method.noise import resolution_shift
-from epg.method.objectives import RCMLoss, legacy_loss
+from epg.method.objectives import RCMLoss, build_loss, seeded_generator
 from epg.nn.network import EPGRepresentation, build_representation
 from epg.nn.presets import NetworkOptions, network_overrides
 
@@ -64,8 +63,6 @@ class PretrainModule(EPGModule):
             relative path is inside the run folder (``trainer.default_root_dir``).
         compile: ``torch.compile`` the online and target networks in place (state-dict keys unchanged).
         optimizer_impl: AdamW implementation, "fused" or "foreach" (see ``EPGModule.make_adamw``).
-        **legacy: the flat loss keys of older configs and checkpoints (``tau_contrastive``, ``curriculum_n0``, ...),
-            moved into ``loss`` with a deprecation warning.
     """
 
     def __init__(
@@ -90,16 +87,15 @@ class PretrainModule(EPGModule):
         export_path: str | None = None,
         compile: bool = False,
         optimizer_impl: Literal["fused", "foreach"] = "fused",
-        **legacy: Any,
     ) -> None:
         super().__init__()
-        self.loss = legacy_loss(loss, legacy, "rcm", RCMLoss, RCMLoss)
+        self.loss = build_loss(loss, RCMLoss, RCMLoss)
         if not 0.0 <= target_momentum < 1.0:
             raise ValueError(f"target_momentum must be in [0, 1), got {target_momentum}")
         if total_steps <= 0 or warmup_steps < 0:
             raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps} and {warmup_steps}")
         network = network_overrides(network) or None
-        self.save_hyperparameters(ignore=["loss", "legacy", *legacy])
+        self.save_hyperparameters(ignore=["loss"])
         self.hparams.network = network  # plain EPGConfig overrides (LightningCLI saves its parsed value)
         self.hparams.loss = self.loss.spec()  # plain class_path + init_args (LightningCLI saves its parsed value)
         self.online: EPGRepresentation = build_representation(preset, **(network or {}))
@@ -127,56 +123,18 @@ class PretrainModule(EPGModule):
     def lr_multiplier(self, updates: int) -> float:
         return warmup_cosine(updates, self.hparams.warmup_steps, self.hparams.total_steps)
 
-    def num_scales_at(self, updates: int) -> int:
-        """N(k) of the curriculum after ``updates`` applied optimizer updates (method.md §3.2)."""
-        return self.loss.num_scales(updates, self.hparams.total_steps)
-
-    def draw_pair_index(self, step: int, n_scales: int) -> int:
-        """n ~ U{0, …, N−2}, seeded by (seed, step) and broadcast from rank 0 (method.md §3.3)."""
-        return self.loss.draw_pair_index(n_scales, seeded_generator(self.hparams.seed, step, 0), self.device)
-
-    def noise_like(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """ε ~ N(0, I) shaped like ``x``, seeded by (seed, batch, rank): one draw per sample for all four inputs."""
+    def noise_generator(self, device: torch.device, micro_batch: int = 0) -> torch.Generator:
+        """The generator of ε, seeded by (seed, batch, rank) with the training batches seen so far: one draw per sample
+        for all four noisy inputs (method.md §3.4), continued exactly by a resumed run."""
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return self.loss.noise_like(x, seeded_generator(self.hparams.seed, batch, 1, rank, device=x.device))
-
-    def consistency_tau(self, sigma_a: float, updates: int) -> float:
-        """τ_r for the unshifted noisier level σ_a after ``updates`` applied updates (method.md §3.6)."""
-        return self.loss.consistency_tau(sigma_a, updates, self.hparams.total_steps)
-
-    def compute_losses(self, x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r) -> dict[str, torch.Tensor]:
-        """``loss``, ``loss_contrastive`` and ``loss_consistency`` of :class:`~epg.method.objectives.RCMLoss`."""
-        terms = self.loss(self.online, self.target, x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r)
-        return {"loss": terms.loss, "loss_contrastive": terms.contrastive, "loss_consistency": terms.consistency}
+        return seeded_generator(self.hparams.seed, self.batches_seen, 1, rank, device=device)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        x0, v1, v2 = batch[0], batch[1], batch[2]
-        # Optimizer steps, skipped ones included (a skipped step gets a fresh pair); with gradient accumulation the
-        # micro-batches of one step share the pair, as the paper's global batch does.
-        step = self.trainer.global_step
-        n_scales = self.num_scales_at(self.updates)
-        index = self.draw_pair_index(step, n_scales)
-        sigma_a, sigma_b, sigma_0 = pair_sigmas(index, n_scales, self.shift)
-        tau_r = self.consistency_tau(sigma_a / self.shift, self.updates)
-        eps = self.noise_like(x0, self.batches_seen)
+        loss = super().training_step(batch, batch_idx)
         self.batches_seen += 1
-        out = self.compute_losses(x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r)
-        self.watch_loss(out["loss"], min(sigma_a, sigma_b), max(sigma_a, sigma_b))
-        b = x0.shape[0]
-        self.log("train/loss", out["loss"].detach(), batch_size=b)  # not on the progress bar: that syncs every step
-        self.log("train/loss_contrastive", out["loss_contrastive"], batch_size=b)
-        self.log("train/loss_consistency", out["loss_consistency"], batch_size=b)
-        scalars = {"num_scales": n_scales, "pair_index": index, "sigma_a": sigma_a, "sigma_b": sigma_b}
-        scalars["tau_consistency"] = tau_r
-        for name, value in scalars.items():
-            self.log(f"train/{name}", float(value), batch_size=b, rank_zero_only=True)
-        if step == 0 and batch_idx == 0:
-            self.log_views(x0, v1, v2)
-        return out["loss"]
-
-    def log_views(self, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
-        """Once per run (step 0): the first ``count`` crops x0 and their two views (:func:`log_view_grid`)."""
-        log_view_grid(self, x0, v1, v2, count)
+        if self.global_step == 0 and batch_idx == 0:  # once per run: the first crops x0 and their two views
+            log_view_grid(self, batch[0], batch[1], batch[2], 8)
+        return loss
 
     # ---- hooks ----
     def configure_optimizers(self) -> dict:

@@ -6,17 +6,11 @@ the generate loop and the grid maker read. FinetuneModule's grid (``model.init_a
 (``init_args.sampling``), the demo, `epg sample`, `epg predict` and `epg fid sweep` all go through it, and the
 helpers below are the single place for parsing a guidance interval ("lo,hi" or "none"), an EMA choice ("0", "none")
 and for comparing a folder's stored settings with a rerun's (resume checks).
-
-The flat keys these options replaced (FinetuneModule ``sample_sampler``, ``sample_steps``, ``sample_guidance``,
-``sample_guidance_interval``, ``grid_seed``; InLoopFID ``sampler``, ``steps``, ``guidance``, ``guidance_interval``)
-are still accepted, with a deprecation warning (:class:`DeprecatedSamplingKey`, a FutureWarning) naming the new key
-(:func:`fold_legacy`), so that checkpoints written with them load and sample as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +25,7 @@ from epg.sampling.per_image import LABEL_MODES
 
 # "bf16"/"fp16"/"none" → the autocast dtype of sampling (None: fp32, method.md §8); the one map of the package.
 AUTOCAST: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Sentinel of a legacy interval key left at its default (None there means "every level").
-DEFAULT_INTERVAL = "default"
-
-
-class DeprecatedSamplingKey(FutureWarning):
-    """A deprecated flat sampling key was given (a FutureWarning, so that users of configs see it by default)."""
+DEFAULT_INTERVAL = "default"  # the spelling of the paper's interval (also "paper")
 
 
 class SamplingOptionsError(ValueError):
@@ -179,49 +168,3 @@ class SamplingOptions:
         )
         fields.update(overrides)
         return SampleSettings(**fields)
-
-
-# FinetuneModule's deprecated flat keys → (SamplingOptions field, default): model.init_args of old configs and the
-# hyper-parameters of old checkpoints.
-FINETUNE_LEGACY_KEYS: dict[str, tuple[str, Any]] = {
-    "sample_sampler": ("sampler", None),
-    "sample_steps": ("steps", None),
-    "sample_guidance": ("cfg", None),
-    "sample_guidance_interval": ("interval", GUIDANCE_INTERVAL),
-    "grid_seed": ("seed", 0),
-}
-
-
-def legacy_values(table: Mapping[str, tuple[str, Any]], values: Mapping[str, Any]) -> dict[str, tuple]:
-    """``fold_legacy``'s input from a table of old keys and the ``values`` given (missing keys: their default)."""
-    return {key: (field, values.get(key, default), default) for key, (field, default) in table.items()}
-
-
-def fold_legacy(
-    options: SamplingOptions | Mapping[str, Any] | None, legacy: Mapping[str, Any], who: str
-) -> SamplingOptions:
-    """``options`` with the deprecated flat keys that were given folded in, one deprecation warning per key.
-
-    ``legacy`` maps "old_key → (new field, value, default)": a value equal to its default counts as not given (an old
-    interval of None, "every level", differs from the paper's default and counts). Used by FinetuneModule (old
-    checkpoints carry these keys), the demo and InLoopFID.
-    """
-    options = SamplingOptions.of(options)
-
-    def same(field: str, value: Any, default: Any) -> bool:
-        if field == "interval":  # a stored list equals the default tuple; "default" names the paper's
-            return parse_interval(value) == parse_interval(default)
-        return value == default
-
-    given = {old: (field, value) for old, (field, value, default) in legacy.items() if not same(field, value, default)}
-    updates = {}
-    for old, (field, value) in given.items():
-        warnings.warn(
-            f"{who}: `{old}` is deprecated; use `sampling: {{{field}: ...}}` instead",
-            DeprecatedSamplingKey,
-            stacklevel=3,
-        )
-        updates[field] = value
-    if "interval" in updates and updates["interval"] == DEFAULT_INTERVAL:
-        updates["interval"] = GUIDANCE_INTERVAL
-    return dataclasses.replace(options, **updates) if updates else options

@@ -1,15 +1,19 @@
-"""What the three losses share: the class-path spec they are configured and checkpointed by, the noise draw, and the
-map of the flat hyper-parameters of older configs and checkpoints onto the loss objects (method.md §3–§5)."""
+"""What the three losses share: the call they are made by (:class:`Objective`), the :class:`Terms` they return, the
+class-path spec they are configured and checkpointed by, and their seeded draws (method.md §3–§5)."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import warnings
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
+
+from epg.io import seed_from
 
 PACKAGE = "epg.method.objectives"
 
@@ -19,21 +23,60 @@ def gaussian_like(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-_DEFAULT_LOSSES: dict[str, type] = {}  # objective string → the package's loss class (filled by subclassing)
+def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch Generator whose seed is a hash of the integers ``key`` (e.g. seed, step, stream, rank)."""
+    return torch.Generator(device=device).manual_seed(seed_from(*key))
+
+
+def nonfinite_span(per_sample: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of ``values`` over the samples whose ``per_sample`` loss is not finite (all samples if none is).
+
+    Device tensors, no host sync: ``values`` are the per-sample noise levels σ' of the batch.
+    """
+    values = values.detach().float().reshape(-1)
+    bad = ~torch.isfinite(per_sample.detach().reshape(-1))
+    pick = bad | ~bad.any()
+    lo = torch.where(pick, values, torch.full_like(values, math.inf)).amin()
+    hi = torch.where(pick, values, torch.full_like(values, -math.inf)).amax()
+    return lo, hi
+
+
+def class_labels(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The labels y of a stage-2 ``batch`` = (x0, y, …) for ``module.net`` (None when it is unconditional)."""
+    return batch[1] if module.net.class_embed is not None else None
+
+
+@dataclass
+class Terms:
+    """One loss evaluation: what the module minimises, logs and watches for NaN/inf."""
+
+    loss: torch.Tensor  # scalar to minimise
+    logs: dict[str, torch.Tensor | float]  # train/<name> every step (a float: the same on every rank)
+    span: tuple[torch.Tensor | float, torch.Tensor | float]  # noise levels of the non-finite samples (NaN watch)
+    label: str = "σ'"  # what ``span`` measures, in the NaN message
 
 
 class Objective:
     """A training loss that owns its hyper-parameters (the paper's values are its constructor's defaults), its
-    noise draws and its weights. Configured by ``class_path`` (``model.init_args.loss``) and stored in checkpoints
-    as the plain dict :meth:`spec`. Subclasses keep every constructor argument as a same-named attribute."""
+    draws and its weights, called the same way by both modules: ``loss(module, batch, updates, generator)``.
 
-    objective: ClassVar[str] = ""  # the module's objective string ("rcm", "diffusion", "consistency")
+    Configured by ``class_path`` (``model.init_args.loss``) and stored in checkpoints as the plain dict
+    :meth:`spec`. Subclasses keep every constructor argument as a same-named attribute.
+    """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # The package's own loss of each objective string is its default (a user's subclass never replaces it).
-        if "objective" in cls.__dict__ and cls.__module__.startswith(f"{PACKAGE}."):
-            _DEFAULT_LOSSES.setdefault(cls.objective, cls)
+    def __call__(
+        self, module: nn.Module, batch: tuple[torch.Tensor, ...], updates: int, generator: torch.Generator
+    ) -> Terms:
+        """The loss of ``batch`` for the networks of ``module`` after ``updates`` applied optimizer updates.
+
+        ``generator`` draws this batch's noise (the module seeds it per step, micro-batch and rank).
+        """
+        raise NotImplementedError
+
+    def details(self, terms: Terms) -> dict[str, tuple[torch.Tensor, int]]:
+        """Logs of ``terms`` that sync with the device (per-σ buckets), made on logging steps only: name → (value,
+        batch size)."""
+        return {}
 
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this loss (all of them, defaults included)."""
@@ -58,10 +101,17 @@ class Objective:
 
 
 class FinetuneLoss(Objective):
-    """A stage-2 loss (``DiffusionLoss`` or ``ConsistencyLoss``): ``objective`` names it in checkpoints and
-    ``parameterization`` is the denoiser output it trains (method.md §1.5)."""
+    """A stage-2 loss: what the fine-tuning module builds and samples around it follows from these attributes."""
 
-    parameterization: str = "x0"
+    parameterization: ClassVar[str] = "x0"  # the denoiser output it trains (method.md §1.5)
+    sampler: ClassVar[str] = "heun"  # the sampler of its checkpoints when none is named (method.md §6)
+    needs_target: ClassVar[bool] = False  # a stop-gradient copy of the online network (``module.target_net``)
+    needs_aux: ClassVar[bool] = False  # the frozen stage-1 network (``module.aux_net``; needs ``init_from``)
+    # AdamW and schedule defaults of the paper for this objective (the module's None arguments pick them).
+    betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    weight_decay: ClassVar[float] = 0.01
+    lr_schedule: ClassVar[str] = "cosine"
+    grad_clip: ClassVar[float | None] = 0.5
 
 
 def build_loss(loss: Objective | Mapping | None, base: type[Objective], default: type[Objective]) -> Objective:
@@ -70,68 +120,18 @@ def build_loss(loss: Objective | Mapping | None, base: type[Objective], default:
     if loss is None:
         return default()
     if isinstance(loss, Mapping):
-        if "class_path" not in loss:
-            raise ValueError(f"loss must name its class_path (e.g. {PACKAGE}.{default.__name__}), got {dict(loss)}")
-        module, _, name = str(loss["class_path"]).rpartition(".")
-        cls = getattr(importlib.import_module(module or PACKAGE), name)
-        loss = cls(**dict(loss.get("init_args") or {}))
+        loss = loss_class(loss)(**dict(loss.get("init_args") or {}))
     if not isinstance(loss, base):
         raise ValueError(f"loss must be a {base.__name__} ({PACKAGE}), got {type(loss).__name__}")
     return loss
 
 
-# ---- the flat hyper-parameters before the loss objects (configs and checkpoints of older versions) -----------------
-# old model.init_args key -> the loss class's init arg, per module (stage 1) or objective (stage 2)
-LEGACY_KEYS: dict[str, dict[str, str]] = {
-    "rcm": {
-        k: k
-        for k in (
-            "tau_contrastive",
-            "tau_consistency",
-            "tau_schedule",
-            "tau_min",
-            "tau_max",
-            "tau_start",
-            "tau_end",
-            "curriculum_n0",
-            "curriculum_n1",
-        )
-    },
-    "diffusion": {"p_mean": "p_mean", "p_std": "p_std", "sigma_grid": "sigma_grid", "loss_weighting": "weighting"},
-    "consistency": {
-        **{k: k for k in ("p_mean", "p_std", "ect_d0", "ect_d1", "ect_delta", "ect_q", "ect_kappa", "ect_b")},
-        **{k: k for k in ("huber_c", "aux_weight", "aux_tau")},
-        "ect_weighting": "weighting",
-    },
-}
-# Keys every older stage-2 module took, whichever its objective (the other objective's are dropped on migration).
-STAGE2_LEGACY = {*LEGACY_KEYS["diffusion"], *LEGACY_KEYS["consistency"]}
-
-
-def legacy_key_message(key: str, kind: str) -> str | None:
-    """Where an old flat ``model.init_args`` key of a ``kind`` ("rcm" or "finetune") module went; None if not one."""
-    kinds = ("rcm",) if kind == "rcm" else ("diffusion", "consistency")
-    found = [(k, LEGACY_KEYS[k][key]) for k in kinds if key in LEGACY_KEYS[k]]
-    if not found:
-        return None
-    names = {"rcm": "RCMLoss", "diffusion": "DiffusionLoss", "consistency": "ConsistencyLoss"}
-    new = "/".join(sorted({name for _, name in found}))
-    classes = " or ".join(f"{PACKAGE}.{names[k]}" for k, _ in found)
-    return f"moved into the loss object: set model.init_args.loss.init_args.{new} (loss class_path {classes})"
-
-
-def split_legacy(hparams: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(other hyper-parameters, loss init args) of old flat ``hparams``; ``kind`` is "rcm", "diffusion" or
-    "consistency". The other stage-2 objective's keys, which older modules kept unused, are dropped."""
-    table = LEGACY_KEYS[kind]
-    rest, loss = {}, {}
-    for key, value in hparams.items():
-        if key in table:
-            if value is not None:  # None was "the objective's default" (p_mean)
-                loss[table[key]] = value
-        elif kind == "rcm" or key not in STAGE2_LEGACY:
-            rest[key] = value
-    return rest, loss
+def loss_class(spec: Mapping) -> type[Objective]:
+    """The class a ``{"class_path", "init_args"}`` spec names (short names are this package's)."""
+    if "class_path" not in spec:
+        raise ValueError(f"loss must name its class_path (e.g. {PACKAGE}.DiffusionLoss), got {dict(spec)}")
+    module, _, name = str(spec["class_path"]).rpartition(".")
+    return getattr(importlib.import_module(module or PACKAGE), name)
 
 
 def _qualified(cls: type) -> str:
@@ -142,55 +142,23 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def legacy_loss(
-    loss: Objective | Mapping | None,
-    legacy: Mapping[str, Any],
-    kind: str,
-    base: type[Objective],
-    default: type[Objective],
-) -> Objective:
-    """A module's loss object from its ``loss`` argument and the flat ``legacy`` keyword arguments of an older
-    config or checkpoint (``kind``: "rcm", "diffusion" or "consistency"): the old keys become the default loss's
-    init args, with a deprecation warning; an unknown key is a TypeError, as for any constructor."""
-    unknown = sorted(set(legacy) - set(LEGACY_KEYS[kind]) - (STAGE2_LEGACY if kind != "rcm" else set()))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}")
-    if not legacy:
-        return build_loss(loss, base, default)
-    if loss is not None:
-        raise ValueError(
-            f"give the loss settings in loss.init_args only, not also as {', '.join(sorted(legacy))} beside loss"
-        )
-    _, init_args = split_legacy(legacy, kind)
-    warnings.warn(
-        f"flat loss keys {', '.join(sorted(legacy))} are deprecated: they moved into the loss object "
-        f"(loss={{class_path: {PACKAGE}.{default.__name__}, init_args: {init_args}}})",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return default(**init_args)
-
-
-def loss_kind(hparams: Mapping[str, Any]) -> str:
-    """ "rcm" for a stage-1 module's hyper-parameters, else the stage-2 objective ("diffusion" by default)."""
-    return str(hparams.get("objective") or "diffusion") if "objective" in hparams else "rcm"
-
-
-def default_loss(kind: str) -> type[Objective]:
-    """The loss class of a kind ("rcm", "diffusion", "consistency")."""
-    return _DEFAULT_LOSSES[kind]
-
-
-def loss_spec(value: Objective | Mapping | None, kind: str) -> dict[str, Any]:
-    """The full ``{"class_path", "init_args"}`` of a module's ``loss`` value (None: the kind's default loss)."""
-    return build_loss(value, Objective, default_loss(kind)).spec()
-
-
-def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """A module's hyper-parameters with the flat loss keys of older checkpoints moved into ``loss`` (a spec)."""
-    hparams = dict(hparams)
-    kind = loss_kind(hparams)
-    if "loss" in hparams or not set(hparams) & set(LEGACY_KEYS[kind]):
-        return hparams
-    rest, init_args = split_legacy(hparams, kind)
-    return {**rest, "loss": default_loss(kind)(**init_args).spec()}
+# Where the keys of the releases before the loss objects went (model.init_args.<old> → the new dotted key): the CLI
+# refuses an old key with a line naming its new one. Nothing reads the old keys any more.
+_LOSS_KEYS = {
+    **{k: k for k in ("tau_contrastive", "tau_consistency", "tau_schedule", "tau_min", "tau_max")},
+    **{k: k for k in ("tau_start", "tau_end", "curriculum_n0", "curriculum_n1", "p_mean", "p_std", "sigma_grid")},
+    **{k: k for k in ("ect_d0", "ect_d1", "ect_delta", "ect_q", "ect_kappa", "ect_b", "huber_c")},
+    **{"aux_weight": "aux_weight", "aux_tau": "aux_tau", "loss_weighting": "weighting", "ect_weighting": "weighting"},
+}
+_SAMPLING_KEYS = {
+    "sample_sampler": "sampler",
+    "sample_steps": "steps",
+    "sample_guidance": "cfg",
+    "sample_guidance_interval": "interval",
+    "grid_seed": "seed",
+}
+MOVED_KEYS: dict[str, str] = {
+    **{f"model.init_args.{old}": f"model.init_args.loss.init_args.{new}" for old, new in _LOSS_KEYS.items()},
+    **{f"model.init_args.{old}": f"model.init_args.sampling.{new}" for old, new in _SAMPLING_KEYS.items()},
+    "model.init_args.objective": "model.init_args.loss.class_path",
+}

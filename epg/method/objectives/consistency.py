@@ -12,7 +12,7 @@ from epg.method.curriculum import ect_sample_tr, ect_stage
 from epg.method.denoiser import Denoiser
 from epg.method.losses import gather_local_first, info_nce, pseudo_huber
 from epg.method.noise import SIGMA_DATA, append_dims, c_in, c_noise
-from epg.method.objectives.base import FinetuneLoss, gaussian_like
+from epg.method.objectives.base import FinetuneLoss, Terms, class_labels, gaussian_like, nonfinite_span
 
 CM_WEIGHTINGS = ("inverse_gap", "inverse_gap_scaled")
 
@@ -70,11 +70,11 @@ def aux_features(aux_net: nn.Module, x: torch.Tensor, sigma_min_shifted: float) 
     return z
 
 
-@dataclass
-class ConsistencyTerms:
-    """One ECT loss evaluation: the scalar to minimise and per-sample diagnostics."""
+@dataclass(kw_only=True)
+class ConsistencyTerms(Terms):
+    """One ECT loss evaluation (``loss``: the batch mean of w·ℓ + aux_weight·ℓ_aux) and its per-sample
+    diagnostics."""
 
-    loss: torch.Tensor  # scalar: mean over the batch of w·ℓ + aux_weight·ℓ_aux
     consistency: torch.Tensor  # (B,) w·ℓ (pseudo-Huber metric times 1/(t′ − r′))
     aux: torch.Tensor  # (B,) InfoNCE of the frozen stage-1 features (zeros when there is no aux net)
     weight: torch.Tensor  # (B,) 1/(t′ − r′), 0 where t′ = r′
@@ -98,8 +98,14 @@ class ConsistencyLoss(FinetuneLoss):
         aux_weight, aux_tau: weight and temperature of the auxiliary InfoNCE on the frozen stage-1 network (§5.4).
     """
 
-    objective = "consistency"
     parameterization = "edm"
+    sampler = "consistency"  # one step (method.md §6.5)
+    needs_target = True  # stop-gradient target D_θ⁻, a copy of the online weights (§5.2)
+    needs_aux = True  # the frozen stage-1 encoder + projector of the auxiliary InfoNCE (§5.4)
+    betas = (0.9, 0.99)  # §5.5
+    weight_decay = 0.03
+    lr_schedule = "steps"
+    grad_clip = None
 
     def __init__(
         self,
@@ -128,6 +134,15 @@ class ConsistencyLoss(FinetuneLoss):
         return ect_stage(updates, self.ect_d0, self.ect_d1, self.ect_delta)
 
     def __call__(
+        self, module: nn.Module, batch: tuple[torch.Tensor, ...], updates: int, generator: torch.Generator
+    ) -> ConsistencyTerms:
+        """The loss of ``batch`` = (x0, y, …) at the ECT stage of ``updates``, with the online denoiser, the target
+        ``module.target_net`` and the frozen stage-1 ``module.aux_net`` (:meth:`terms`)."""
+        target = module.denoiser(module.target_net)
+        x0, y = batch[0], class_labels(module, batch)
+        return self.terms(module.denoiser(), target, module.aux_net, x0, y, self.stage(updates), generator)
+
+    def terms(
         self,
         denoiser: Denoiser,
         target: Denoiser,
@@ -163,4 +178,10 @@ class ConsistencyLoss(FinetuneLoss):
         else:
             aux = torch.zeros_like(consistency)
         per_sample = consistency + self.aux_weight * aux
-        return ConsistencyTerms(per_sample.mean(), consistency, aux, weight, t.float(), r.float(), stage, per_sample)
+        t, r = t.float(), r.float()
+        logs = {"ect_stage": float(stage), "consistency": consistency.detach().mean(), "aux": aux.detach().mean()}
+        span = nonfinite_span(per_sample, denoiser.shift * t)
+        return ConsistencyTerms(
+            loss=per_sample.mean(), logs=logs, span=span, label="t'", consistency=consistency, aux=aux,
+            weight=weight, t=t, r=r, stage=stage, per_sample=per_sample,
+        )  # fmt: skip

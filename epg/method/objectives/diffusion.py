@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from epg.method.curriculum import dm_sigma_index
 from epg.method.denoiser import Denoiser
 from epg.method.noise import SIGMA_DATA, append_dims, karras_sigma
-from epg.method.objectives.base import FinetuneLoss, gaussian_like
+from epg.method.objectives.base import FinetuneLoss, Terms, class_labels, gaussian_like, nonfinite_span
 
 DM_WEIGHTINGS = ("inverse_spacing", "edm", "uniform")
+SIGMA_BUCKETS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # unshifted σ edges of the per-bucket loss logs
 
 
 def dm_loss_weight(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -37,11 +39,11 @@ def diffusion_weight(index: torch.Tensor, sigma_shifted: torch.Tensor, weighting
     raise ValueError(f"unknown weighting {weighting!r}: choose one of {DM_WEIGHTINGS}")
 
 
-@dataclass
-class DiffusionTerms:
-    """One diffusion loss evaluation: the scalar to minimise and per-sample diagnostics."""
+@dataclass(kw_only=True)
+class DiffusionTerms(Terms):
+    """One diffusion loss evaluation (``loss``: the batch mean of w·mean_pixels((D − x0)²)) and its per-sample
+    diagnostics."""
 
-    loss: torch.Tensor  # scalar: mean over the batch of w·mean_pixels((D − x0)²)
     weighted: torch.Tensor  # (B,) w·mse
     mse: torch.Tensor  # (B,) unweighted mean squared x0 error
     sigma: torch.Tensor  # (B,) unshifted σ (a grid point)
@@ -56,8 +58,8 @@ class DiffusionLoss(FinetuneLoss):
         weighting: "inverse_spacing" (the paper's 1/(σ_i − σ_{i+1})), "edm" or "uniform" (:func:`diffusion_weight`).
     """
 
-    objective = "diffusion"
     parameterization = "x0"
+    sampler = "heun"  # method.md §6.1
 
     def __init__(
         self,
@@ -71,6 +73,12 @@ class DiffusionLoss(FinetuneLoss):
         self.p_mean, self.p_std, self.sigma_grid, self.weighting = p_mean, p_std, sigma_grid, weighting
 
     def __call__(
+        self, module: nn.Module, batch: tuple[torch.Tensor, ...], updates: int, generator: torch.Generator
+    ) -> DiffusionTerms:
+        """The loss of the online denoiser ``module.denoiser()`` on ``batch`` = (x0, y, …) (:meth:`terms`)."""
+        return self.terms(module.denoiser(), batch[0], class_labels(module, batch), generator)
+
+    def terms(
         self, denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> DiffusionTerms:
         """Log-normal σ snapped to the N-grid, shifted noise, weight per ``weighting`` (method.md §4).
@@ -85,7 +93,31 @@ class DiffusionLoss(FinetuneLoss):
         d = denoiser(x_noisy, sigma_shifted, y)
         mse = (d.float() - x0.float()).square().flatten(1).mean(1)
         weighted = diffusion_weight(index, sigma_shifted, self.weighting, n_grid) * mse
-        return DiffusionTerms(weighted.mean(), weighted, mse.detach(), sigma.float())
+        sigma = sigma.float()
+        span = nonfinite_span(weighted, denoiser.shift * sigma)
+        return DiffusionTerms(
+            loss=weighted.mean(), logs={}, span=span, weighted=weighted, mse=mse.detach(), sigma=sigma
+        )
+
+    def details(self, terms: DiffusionTerms) -> dict[str, tuple[torch.Tensor, int]]:
+        """The unweighted x0 MSE and the weighted loss per unshifted-σ bucket (:func:`sigma_buckets`)."""
+        return {"x0_mse": (terms.mse.mean(), terms.mse.shape[0]), **sigma_buckets(terms.sigma, terms.weighted)}
+
+
+def sigma_buckets(sigma: torch.Tensor, weighted: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
+    """``loss_sigma_<bucket>`` → (mean weighted DM loss, sample count) for the buckets of :data:`SIGMA_BUCKETS`
+    present among the unshifted ``sigma`` (syncs with the device)."""
+    weighted = weighted.detach()
+    edges = torch.tensor(SIGMA_BUCKETS, device=sigma.device, dtype=sigma.dtype)
+    bucket = torch.bucketize(sigma, edges)
+    names = [f"lt{SIGMA_BUCKETS[0]:g}"]
+    names += [f"{lo:g}-{hi:g}" for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:], strict=True)]
+    names += [f"ge{SIGMA_BUCKETS[-1]:g}"]
+    out = {}
+    for i in bucket.unique().tolist():
+        mask = bucket == i
+        out[f"loss_sigma_{names[i]}"] = (weighted[mask].mean(), int(mask.sum()))
+    return out
 
 
 @torch.no_grad()

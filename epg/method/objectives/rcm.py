@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from epg.method.curriculum import cosine_tau_max, interpolated_tau, num_scales
+from epg.method.curriculum import cosine_tau_max, interpolated_tau, num_scales, pair_sigmas
 from epg.method.losses import gather_local_first, info_nce
 from epg.method.noise import c_in, c_noise
-from epg.method.objectives.base import Objective, gaussian_like
+from epg.method.objectives.base import Objective, Terms, gaussian_like, seeded_generator
 
 TAU_SCHEDULES = ("constant", "interpolated", "cosine")
 
@@ -34,11 +34,11 @@ def consistency_terms(h_a: torch.Tensor, h_b: torch.Tensor, tau: float) -> torch
     return info_nce(h_a, gather_local_first(h_b), tau)
 
 
-@dataclass
-class RCMTerms:
-    """One stage-1 loss evaluation: the scalar to minimise and the two terms' batch means."""
+@dataclass(kw_only=True)
+class RCMTerms(Terms):
+    """One stage-1 loss evaluation (``loss``: the batch mean of contrastive + consistency) and the two terms' batch
+    means."""
 
-    loss: torch.Tensor  # mean over the batch of contrastive + consistency
     contrastive: torch.Tensor  # detached batch mean
     consistency: torch.Tensor  # detached batch mean
 
@@ -54,8 +54,6 @@ class RCMLoss(Objective):
         curriculum_n0, curriculum_n1: N₀ and N₁ of the discretization curriculum (method.md §3.2); its K is the
             module's ``total_steps``.
     """
-
-    objective = "rcm"
 
     def __init__(
         self,
@@ -92,9 +90,9 @@ class RCMLoss(Objective):
         return float(interpolated_tau(sigma_a, self.tau_min, tau_max))
 
     @staticmethod
-    def draw_pair_index(n_scales: int, generator: torch.Generator, device: torch.device | str = "cpu") -> int:
-        """n ~ U{0, …, N−2} from ``generator``, broadcast from rank 0 (method.md §3.3)."""
-        index = int(torch.randint(n_scales - 1, (1,), generator=generator))
+    def draw_pair_index(n_scales: int, seed: int, step: int, device: torch.device | str = "cpu") -> int:
+        """n ~ U{0, …, N−2}, seeded by (seed, step) and broadcast from rank 0 (method.md §3.3)."""
+        index = int(torch.randint(n_scales - 1, (1,), generator=seeded_generator(seed, step, 0)))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             value = torch.tensor([index], device=device)  # on the device: NCCL broadcasts CUDA tensors only
             dist.broadcast(value, src=0)
@@ -112,6 +110,27 @@ class RCMLoss(Objective):
         return represent(net, x, sigma)
 
     def __call__(
+        self, module: nn.Module, batch: tuple[torch.Tensor, ...], updates: int, generator: torch.Generator
+    ) -> RCMTerms:
+        """The loss of ``batch`` = (x0, v1, v2, …) for ``module.online`` and its EMA ``module.target``.
+
+        The curriculum's N(k) and τ_r follow ``updates`` and ``module.hparams.total_steps``; the pair index is drawn
+        per optimizer step (``module.global_step``, skipped steps included; the micro-batches of one step share it,
+        as the paper's global batch does), the noise ε from ``generator``.
+        """
+        x0, v1, v2 = batch[0], batch[1], batch[2]
+        total, shift = module.hparams.total_steps, module.shift
+        n_scales = self.num_scales(updates, total)
+        index = self.draw_pair_index(n_scales, module.hparams.seed, module.global_step, x0.device)
+        sigma_a, sigma_b, sigma_0 = pair_sigmas(index, n_scales, shift)
+        tau_r = self.consistency_tau(sigma_a / shift, updates, total)
+        eps = self.noise_like(x0, generator)
+        terms = self.terms(module.online, module.target, x0, v1, v2, eps, sigma_a, sigma_b, sigma_0, tau_r)
+        scalars = {"num_scales": n_scales, "pair_index": index, "sigma_a": sigma_a, "sigma_b": sigma_b}
+        terms.logs.update({name: float(value) for name, value in scalars.items()}, tau_consistency=float(tau_r))
+        return terms
+
+    def terms(
         self,
         online: nn.Module,
         target: nn.Module,
@@ -150,4 +169,8 @@ class RCMLoss(Objective):
             k1, k2 = target.projection_head(t1), target.projection_head(t2)
         contrastive = contrastive_terms(z1, z2, k1, k2, self.tau_contrastive)
         consistency = consistency_terms(h_a, h_b, tau_r)
-        return RCMTerms((contrastive + consistency).mean(), contrastive.mean().detach(), consistency.mean().detach())
+        loss = (contrastive + consistency).mean()
+        contrastive, consistency = contrastive.mean().detach(), consistency.mean().detach()
+        logs: dict[str, torch.Tensor | float] = {"loss_contrastive": contrastive, "loss_consistency": consistency}
+        span = (min(sigma_a, sigma_b), max(sigma_a, sigma_b))
+        return RCMTerms(loss=loss, logs=logs, span=span, contrastive=contrastive, consistency=consistency)
