@@ -1,6 +1,5 @@
 """The loss objects in modules, configs and checkpoints, and the flat loss keys of older versions (issue 13):
-old keyword arguments and checkpoints map onto the loss objects, old YAML keys are refused naming the new key, old
-command-line flags are passed on to the loss object, and a resume compares the loss objects."""
+old keyword arguments and checkpoints map onto the loss objects (`epg fit` refuses the old keys: tests/test_cli_app.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import torch
 import yaml
 
 from epg.checkpoint import load_denoiser
-from epg.lightning.cli import hparam_changes, move_legacy_loss_flags, refuse_legacy_loss_keys
-from epg.lightning.faults import ConfigError
 from epg.lightning.finetune import FinetuneModule
 from epg.lightning.pretrain import PretrainModule
 from epg.method.objectives import (
@@ -159,51 +156,6 @@ def test_stage1_checkpoints_of_the_flat_keys_still_load(tmp_path):
     assert migrate_hparams(torch.load(old, weights_only=True)["hyper_parameters"]) == dict(module.hparams)
 
 
-def test_resume_compares_the_loss_of_an_old_checkpoint():
-    """`epg fit` resuming a checkpoint of the flat keys: the same settings resume, others are listed by new key."""
-    saved = {"preset": NANO, "objective": "consistency", "lr": 1e-3, "p_mean": 1.0, "ect_d0": 500, "ect_d1": 500}
-    saved |= {"ect_weighting": "inverse_gap_scaled", "loss_weighting": "inverse_spacing", "sigma_grid": 1280}
-    spec = ConsistencyLoss(p_mean=1.0, ect_d0=500, ect_d1=500, weighting="inverse_gap_scaled").spec()
-    model = {"preset": NANO, "objective": "consistency", "lr": 1e-3, "loss": spec}
-    assert hparam_changes(model, {}, {}, saved, {}) == []
-    model["loss"] = {**spec, "init_args": {**spec["init_args"], "ect_d0": 250}}
-    changes = hparam_changes(model, {}, {}, saved, {})
-    assert [str(c) for c in changes] == ["model.init_args.loss.init_args.ect_d0 500 -> 250"]
-    assert not changes[0].fixed  # --accept_changed_hparams may take it
-    model["loss"] = DiffusionLoss().spec()
-    assert [c.option for c in hparam_changes(model, {}, {}, saved, {})] == ["model.init_args.loss.class_path"]
-
-
-def test_old_yaml_keys_are_refused_naming_the_new_key(tmp_path):
-    old = tmp_path / "old.yaml"
-    model = {"class_path": "epg.lightning.finetune.FinetuneModule", "init_args": {"objective": "consistency"}}
-    model["init_args"] |= {"ect_d0": 500}
-    old.write_text(yaml.safe_dump({"model": model}))
-    with pytest.raises(ConfigError, match=r"^model\.init_args\.ect_d0: moved into the loss object: set "
-                       r"model\.init_args\.loss\.init_args\.ect_d0 \(loss class_path epg\.method\.objectives\."
-                       r"ConsistencyLoss\)"):  # fmt: skip
-        refuse_legacy_loss_keys(["fit", "-c", str(old)])
-    model = {"class_path": "epg.lightning.pretrain.PretrainModule", "init_args": {"curriculum_n0": 20}}
-    old.write_text(yaml.safe_dump({"model": model}))
-    with pytest.raises(ConfigError, match=r"loss\.init_args\.curriculum_n0 \(loss class_path .*RCMLoss\)"):
-        refuse_legacy_loss_keys([f"--config={old}"])
-    model["init_args"] = {"loss": {"class_path": "epg.method.objectives.RCMLoss"}, "lr": 1e-3}
-    old.write_text(yaml.safe_dump({"model": model}))
-    refuse_legacy_loss_keys(["-c", str(old)])  # the new layout passes
-
-
-def test_old_flags_are_passed_on_to_the_loss_object():
-    args = ["fit", "-c", "x.yaml", "--model.init_args.ect_d0", "7", "--model.ect_weighting=inverse_gap", "--x.p_mean=1"]
-    with pytest.warns(UserWarning, match="deprecated"):
-        moved = move_legacy_loss_flags(args)
-    assert moved == [
-        "fit", "-c", "x.yaml", "--model.init_args.loss.init_args.ect_d0", "7",
-        "--model.init_args.loss.init_args.weighting=inverse_gap", "--x.p_mean=1",
-    ]  # fmt: skip
-    same = ["fit", "--model.init_args.loss.init_args.ect_d0", "7"]
-    assert move_legacy_loss_flags(same) is same
-
-
 def _printed(capsys, *args: str) -> dict:
     from epg.cli import main
 
@@ -213,32 +165,13 @@ def _printed(capsys, *args: str) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_print_config_shows_the_loss_and_old_flags_reach_it(capsys, tmp_path):
+def test_print_config_shows_the_loss(capsys):
     from pathlib import Path
-
-    from epg.cli import main
 
     root = Path(__file__).parents[1]
     cm = str(root / "configs/finetune/epg_l16_cm_in256.yaml")
     loss = _printed(capsys, "-c", cm)["model"]["init_args"]["loss"]
     assert loss["class_path"] == "epg.method.objectives.ConsistencyLoss"
     assert loss["init_args"] == ConsistencyLoss().init_args()  # the paper row: every value the paper's
-    with pytest.warns(UserWarning, match="deprecated"):
-        cfg = _printed(capsys, "-c", cm, "--model.init_args.ect_d0", "7", "--model.init_args.loss.init_args.ect_d1=9")
-    assert (
-        cfg["model"]["init_args"]["loss"]["init_args"]["ect_d0"],
-        cfg["model"]["init_args"]["loss"]["init_args"]["ect_d1"],
-    ) == (7, 9)
     pre = _printed(capsys, "-c", str(root / "configs/pretrain/rcm_b16_in256.yaml"))["model"]["init_args"]["loss"]
     assert pre == RCMLoss().spec()
-    old = yaml.safe_load((root / "configs/demo/finetune_dm.yaml").read_text())
-    old["model"]["init_args"] |= old["model"]["init_args"].pop("loss")["init_args"] | {"loss_weighting": "uniform"}
-    del old["model"]["init_args"]["weighting"]
-    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
-    assert main(["fit", "-c", str(tmp_path / "old.yaml"), "--print_config"]) == 2
-    err = capsys.readouterr().err  # the first old key of the (sorted) file, renamed on the way
-    assert (
-        "model.init_args.loss_weighting: moved into the loss object: set model.init_args.loss.init_args.weighting "
-        in err
-    )
-    assert "(loss class_path epg.method.objectives.DiffusionLoss)" in err
