@@ -1,5 +1,5 @@
 """The loss objects in modules, configs and checkpoints, and the flat loss keys of older versions (issue 13):
-old keyword arguments and checkpoints map onto the loss objects (`epg fit` refuses the old keys: tests/test_cli_app.py)."""
+old keyword arguments and checkpoints map onto the loss objects (`epg fit` refuses the old keys: test_cli_app)."""
 
 from __future__ import annotations
 

@@ -444,27 +444,27 @@ def _network_option(message: str, network: Mapping) -> str:
 
 def config_error(err: BaseException, config: Mapping, sections: tuple[str, ...]) -> ConfigError:
     """``err``, raised while building or setting up the ``sections`` ("model", "data", "trainer") of ``config``, as
-    a :class:`ConfigError` naming the option that its message names first (none: the message alone)."""
-    while err.__cause__ is not None and not isinstance(err, ConfigError):  # jsonargparse re-raises as the cause
+    a :class:`ConfigError` naming the option that its message names first (none: the message alone); jsonargparse's
+    errors that quote the constructor's (their ``__cause__``) stand aside for it."""
+    options = []
+    for section in sections:
+        values, prefix = config.get(section) or {}, section
+        if section == "model":
+            values, prefix = values.get("init_args") or {}, "model.init_args"
+            loss = values.get("loss") if isinstance(values.get("loss"), Mapping) else {}
+            options += [f"{prefix}.loss.init_args.{key}" for key in loss.get("init_args") or {}]
+        options += [f"{prefix}.{key}" for key in values]
+    while err.__cause__ is not None and not isinstance(err, ConfigError | CheckpointMismatchError):
+        if str(err.__cause__) not in str(err):  # not a wrapper that quotes its cause
+            break
         err = err.__cause__
     if isinstance(err, ConfigError):
         return err
     if isinstance(err, CheckpointMismatchError):
         return ConfigError("model.init_args.init_from", str(err))
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    options = []
-    for section in sections:
-        values = config.get(section) or {}
-        prefix = section
-        if section == "model":
-            values, prefix = values.get("init_args") or {}, "model.init_args"
-            loss = values.get("loss") if isinstance(values.get("loss"), Mapping) else {}
-            options += [f"{prefix}.loss.init_args.{key}" for key in loss.get("init_args") or {}]
-        options += [f"{prefix}.{key}" for key in values]
-    hits = [
-        (m.start(), o) for o in options if (m := re.search(rf"(?<![\w.]){re.escape(o.rpartition('.')[2])}\b", message))
-    ]
-    return ConfigError(min(hits)[1] if hits else "", message)
+    named = [(m.start(), o) for o in options if (m := re.search(rf"(?<![\w.]){o.rpartition('.')[2]}\b", message))]
+    return ConfigError(min(named)[1] if named else "", message)
 
 
 # ---- quiet where Lightning's notes are expected ----------------------------------------------------------------------
