@@ -3,16 +3,19 @@ since it was written (refused unless ``--accept_changed_hparams``), and the logg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from epg.data.shards import is_remote
 from epg.io import recover_interrupted_swap
 from epg.lightning.base import EPGModule
 from epg.lightning.faults import ConfigError, LoggerVersions
@@ -60,6 +63,50 @@ def last_checkpoint(folder: str) -> str | None:
     path = os.path.join(folder, "last.ckpt")
     recover_interrupted_swap(path)
     return path if os.path.exists(path) else None
+
+
+def resolve_checkpoint(ckpt_path: str | None, trainer: Namespace, subcommand: str) -> str | None:
+    """The checkpoint a subcommand loads: "last" is the run's ``last.ckpt`` (``fit``: None when there is none, so that
+    it starts at step 0; ``validate``/``predict``: a :class:`ConfigError`); Lightning's other names pass through."""
+    if ckpt_path is None or str(ckpt_path) in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return ckpt_path
+    if ckpt_path != "last":
+        if not is_remote(str(ckpt_path)) and not os.path.exists(ckpt_path):
+            raise ConfigError("ckpt_path", f"{ckpt_path} does not exist")
+        return ckpt_path
+    specs = checkpoint_specs(trainer)  # the first that saves last.ckpt, as SigtermCheckpoint's
+    folders = [s.init_args.get("dirpath") for s in sorted(specs, key=lambda s: not s.init_args.get("save_last"))]
+    if not folders or folders[0] is None:
+        if subcommand == "fit":
+            return "last"  # Lightning's search, in the folder it picks
+        raise ConfigError("ckpt_path", "the config has no ModelCheckpoint folder to find the last checkpoint in")
+    found = last_checkpoint(str(folders[0]))
+    if subcommand == "fit":
+        text = f"resuming from {found}" if found else f"no last checkpoint in {folders[0]}: starting at step 0"
+        rank_zero_info(f"epg fit: {text} (--ckpt_path last)")
+    elif not found:
+        raise ConfigError(
+            "ckpt_path",
+            f"no checkpoint of this run in {folders[0]}: train it first (epg fit with the same config) or pass "
+            "--ckpt_path FILE",
+        )
+    else:
+        rank_zero_info(f"epg {subcommand}: {found} (--ckpt_path last)")
+    return found
+
+
+def checkpoint_specs(trainer: Namespace) -> list[Namespace]:
+    """The ModelCheckpoint ``class_path`` specs of ``trainer.callbacks``."""
+    specs = [s for s in _as_list(trainer.get("callbacks")) if isinstance(s, Namespace) and s.get("class_path")]
+    return [s for s in specs if issubclass(_class(str(s.class_path)), ModelCheckpoint)]
+
+
+def _class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    with contextlib.suppress(ImportError, AttributeError, ValueError):
+        found = getattr(importlib.import_module(module), name)
+        return found if isinstance(found, type) else object
+    return object
 
 
 def resumed_network(saved: Mapping, explicit: Mapping) -> dict:
@@ -212,6 +259,12 @@ class AcceptedChanges(Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("epg/accepted_changes", self.text, trainer.global_step)
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def network_dict(network: Any) -> dict:
