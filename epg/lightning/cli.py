@@ -77,7 +77,8 @@ class EPGTrainer(L.Trainer):
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions: bool | None = False,
                 ckpt_path: str | None = "last", weights_only: bool | None = True, sample: SampleWriter | None = None,
                 ) -> Any:  # fmt: skip
-        """Trainer.predict; ``sample``: `epg sample`'s options (``--sample.*``); the images go to files only."""
+        """Trainer.predict; ``sample``: `epg sample`'s options (``--sample.*``, listed by ``--sample.help
+        SampleWriter``); the images go to files only."""
         return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
 
