@@ -18,7 +18,6 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from epg.checkpoint import read_checkpoint_meta, stage1_config
 from epg.data.datamodule import EPGDataModule
@@ -31,6 +30,7 @@ from epg.lightning.config_checks import (
     check_config,
     check_devices,
     config_error,
+    default_max_steps,
     fill_from_model,
     refuse_given,
 )
@@ -271,21 +271,6 @@ def derive_run_paths(trainer: Namespace, model_args: Namespace) -> None:
     export = model_args.get("export_path")
     if export and not is_remote(str(export)) and not os.path.isabs(export):
         model_args.export_path = os.path.join(root, export)
-
-
-def default_max_steps(trainer: Namespace, model_args: Namespace) -> None:
-    """``trainer.max_steps`` defaults to the model's ``total_steps`` (the schedule's length, given once); a config may
-    still set it lower to stop a run early, which a link (a target no config may set) would forbid."""
-    total = model_args.get("total_steps")
-    if not total:
-        return
-    if trainer.get("max_steps") in (None, -1) and trainer.get("max_epochs") is None:
-        trainer.max_steps = total
-    elif trainer.get("max_steps", -1) > total:
-        rank_zero_warn(
-            f"trainer.max_steps {trainer.max_steps} runs past model.init_args.total_steps {total}, where the LR "
-            "schedule ends: to train longer, raise total_steps instead (trainer.max_steps follows it)"
-        )
 
 
 # ---- quiet where Lightning's notes are expected ----------------------------------------------------------------------

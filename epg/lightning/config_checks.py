@@ -1,6 +1,6 @@
-"""The checks of an `epg` config that end in one-line errors (:class:`ConfigError` naming the option): keys that moved
-or follow another, GPUs the machine lacks, the data's agreement with the model network, shards and stage-1 files
-that are missing, and the errors of the classes built from the config."""
+"""The checks and model-given defaults of an `epg` config; its mistakes end as one-line errors (:class:`ConfigError`
+naming the option): keys that moved or follow another, GPUs the machine lacks, data that disagrees with the model
+network, missing shards or stage-1 files, and the errors of the classes built from the config."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from epg.data.shards import expand_shards, is_remote
 from epg.lightning.faults import ConfigError
@@ -87,6 +88,21 @@ def fill_from_model(data: Namespace, model_args: Namespace, network: Mapping) ->
                 "data.num_classes", "is not set and the network is unconditional: set it to the classes in the shards"
             )
         data.num_classes = config.num_classes
+
+
+def default_max_steps(trainer: Namespace, model_args: Namespace) -> None:
+    """``trainer.max_steps`` defaults to the model's ``total_steps`` (the schedule's length, given once); a config may
+    still set it lower to stop a run early, which a link (a target no config may set) would forbid."""
+    total = model_args.get("total_steps")
+    if not total:
+        return
+    if trainer.get("max_steps") in (None, -1) and trainer.get("max_epochs") is None:
+        trainer.max_steps = total
+    elif trainer.get("max_steps", -1) > total:
+        rank_zero_warn(
+            f"trainer.max_steps {trainer.max_steps} runs past model.init_args.total_steps {total}, where the LR "
+            "schedule ends: to train longer, raise total_steps instead (trainer.max_steps follows it)"
+        )
 
 
 def check_config(model_args: Mapping, data: Mapping, subcommand: str | None = None, resuming: bool = False) -> None:
