@@ -103,7 +103,7 @@ class EPGCLI(LightningCLI):
     """
 
     checkpoint: str | None = None  # the checkpoint file this run resumes or loads
-    accepted: list = []  # hyper-parameter changes accepted on resume
+    accepted: list = ()  # hyper-parameter changes accepted on resume
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(*LINK)
@@ -180,7 +180,8 @@ class EPGCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The configured Trainer plus SigtermCheckpoint, LoggerVersions and AtomicCheckpointIO where it has none."""
-        config = self._get(self.config_init, "trainer", default={})
+        init = self.config_init
+        config = (init[init.subcommand] if init.get("subcommand") else init).get("trainer") or {}
         callbacks = _as_list(config.get("callbacks"))
         callbacks += [kind() for kind in (SigtermCheckpoint, LoggerVersions) if not _has(callbacks, kind)]
         kwargs["callbacks"] = [*callbacks, _DataReady()]
