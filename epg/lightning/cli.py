@@ -103,7 +103,7 @@ class EPGCLI(LightningCLI):
     """
 
     checkpoint: str | None = None  # the checkpoint file this run resumes or loads
-    accepted: list = ()  # hyper-parameter changes accepted on resume
+    accepted: list | tuple = ()  # hyper-parameter changes accepted on resume
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(*LINK)
@@ -139,9 +139,9 @@ class EPGCLI(LightningCLI):
         derive_run_paths(trainer, args)
         self.checkpoint, self.accepted, meta = None, [], {}
         if subcommand:
-            cfg.ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), trainer, subcommand)
-            if cfg.ckpt_path and os.path.exists(str(cfg.ckpt_path)):
-                self.checkpoint, meta = str(cfg.ckpt_path), read_checkpoint_meta(cfg.ckpt_path)
+            cfg.ckpt_path = path = resolve_checkpoint(cfg.get("ckpt_path"), trainer, subcommand)
+            if path and (is_remote(str(path)) or os.path.exists(path)):  # not a name that Lightning resolves
+                self.checkpoint, meta = str(path), {} if is_remote(str(path)) else read_checkpoint_meta(path)
         explicit = network = network_dict(args.get("network"))
         saved = dict(meta.get("hyper_parameters") or {})
         if "preset" in saved:
