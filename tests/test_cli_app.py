@@ -233,7 +233,7 @@ def test_config_mistakes_and_missing_gpus_are_one_line_errors(tmp_path, demo_dat
 def test_resume_compares_grid_sampling_options_field_by_field():
     """A checkpoint's `sampling` against the config's: compared field by field, so an unchanged setting resumes
     and a changed one is named."""
-    from epg.lightning.cli import hparam_changes
+    from epg.lightning.resume import hparam_changes
 
     saved = {"init_from": None, "sampling": {"cfg": 2.0, "steps": 16, "interval": [0.19, 1.61]}}
     same = {"init_from": None, "sampling": {"cfg": 2.0, "steps": 16}}
@@ -243,3 +243,23 @@ def test_resume_compares_grid_sampling_options_field_by_field():
         ("model.init_args.sampling.cfg", 2.0, 3.0),
         ("model.init_args.sampling.interval", [0.19, 1.61], None),
     ]
+
+
+def test_moved_keys_are_refused_naming_the_new_key(tmp_path, capsys):
+    """The flat loss and grid-sampling keys of unreleased versions: one line naming the new key, nothing moved."""
+    model = {"class_path": "epg.lightning.finetune.FinetuneModule", "init_args": {"ect_d0": 500}}
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"model": model}))
+    assert main(["fit", "-c", str(old)]) == 2
+    assert last_line(capsys.readouterr().err) == (
+        f"epg fit: model.init_args.ect_d0: moved: set model.init_args.loss.init_args.ect_d0 (given in {old})"
+    )
+    for flag, new in [
+        ("--model.init_args.loss_weighting=uniform", "model.init_args.loss.init_args.weighting"),
+        ("--model.sample_steps=4", "model.init_args.sampling.steps"),
+        ("--model.init_args.curriculum_n0=2", "model.init_args.loss.init_args.curriculum_n0"),
+        ("--model.init_args.objective=consistency", "model.init_args.loss.class_path"),
+    ]:
+        assert main(["fit", "--model", "FinetuneModule", flag, "--print_config"]) == 2
+        key = flag.split("=")[0][2:].replace("model.sample", "model.init_args.sample")
+        assert last_line(capsys.readouterr().err) == f"epg fit: {key}: moved: set {new} (given in {flag})"

@@ -180,14 +180,17 @@ def test_constructor_errors_name_the_argument():
         PretrainModule(preset=NANO, loss=RCMLoss(tau_schedule="sometimes"))
     except ValueError as err:
         loss = {"class_path": "epg.method.objectives.RCMLoss", "init_args": {"tau_schedule": "s"}}
-        found = config_error(err, {"model": {"class_path": "x", "init_args": {"preset": NANO, "loss": loss}}})
-    assert found is not None and found.option == "model.init_args.loss.init_args.tau_schedule"
+        found = config_error(
+            err, {"model": {"class_path": "x", "init_args": {"preset": NANO, "loss": loss}}}, ("model",)
+        )
+    assert found.option == "model.init_args.loss.init_args.tau_schedule"
     try:
         PretrainModule(preset=NANO, target_momentum=1.5)
     except ValueError as err:
-        found = config_error(err, {"model": {"class_path": "x", "init_args": {"preset": NANO, "target_momentum": 1}}})
-    assert found is not None and found.option == "model.init_args.target_momentum"
-    assert config_error(ValueError("outside any module"), {"model": {}}) is None
+        model = {"class_path": "x", "init_args": {"preset": NANO, "target_momentum": 1}}
+        found = config_error(err, {"model": model, "data": {"seed": 0}}, ("model", "data"))
+    assert found.option == "model.init_args.target_momentum"
+    assert str(config_error(ValueError("names no option"), {"model": {}}, ("model",))) == "names no option"
 
 
 def test_epg_cli_prints_one_line_errors(monkeypatch, capsys):

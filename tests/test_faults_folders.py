@@ -15,8 +15,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 import epg.io
 from epg.checkpoint import read_checkpoint
 from epg.io import atomic_folder, recover_interrupted_swap, swap_in_folder, swap_names
-from epg.lightning.cli import find_last_checkpoint
 from epg.lightning.faults import AtomicModelParallelStrategy
+from epg.lightning.resume import last_checkpoint
 
 
 def make_folder(path: Path, **files: str) -> Path:
@@ -42,7 +42,7 @@ def test_hidden_names_never_match_the_last_checkpoint_search(tmp_path):
     tmp, old = swap_names(tmp_path / "last.ckpt")
     assert (tmp.name, old.name) == (".last.ckpt.tmp", ".last.ckpt.old")
     assert tmp.parent == old.parent == tmp_path
-    for name in (tmp.name, old.name):  # find_last_checkpoint's filter, and a shell/pathlib glob
+    for name in (tmp.name, old.name):  # a shell/pathlib glob of last*.ckpt
         assert not (name.startswith("last") and name.endswith(".ckpt"))
     make_folder(tmp)
     make_folder(old)
@@ -164,12 +164,12 @@ def test_last_checkpoint_search_recovers_last_then_resumes_from_it(tmp_path):
     folder = tmp_path / "ckpts"
     make_folder(swap_names(folder / "last.ckpt")[1], **{"meta.pt": "old"})
     make_folder(swap_names(folder / "last.ckpt")[0], **{"meta.pt": "half"})
-    assert find_last_checkpoint([str(folder)], str(tmp_path)) == str(folder / "last.ckpt")
+    assert last_checkpoint(str(folder)) == str(folder / "last.ckpt")
     assert siblings(folder) == ["last.ckpt"] and contents(folder / "last.ckpt") == {"meta.pt": "old"}
     # Only a half-written .tmp (killed during the very first save): nothing to resume from.
     other = tmp_path / "other"
     make_folder(swap_names(other / "last.ckpt")[0], **{"meta.pt": "half"})
-    assert find_last_checkpoint([str(other)], str(tmp_path)) is None and siblings(other) == []
+    assert last_checkpoint(str(other)) is None and siblings(other) == []
 
 
 # ---- the strategy, with the parent's sharded save replaced by a fake ---------------------------------------------
