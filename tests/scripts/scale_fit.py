@@ -104,13 +104,13 @@ def main() -> None:
     if args.mode == "ddp-equiv":
         # Noise is drawn before σ in our patched order: swap the calls by drawing noise first via the patch.
         fixed_draws()
-        original = objectives.DiffusionLoss.__call__
+        original = objectives.DiffusionLoss.terms
 
-        def loss_with_noise_first(self, denoiser, x0, y, **kw):
+        def loss_with_noise_first(self, denoiser, x0, y, *args, **kw):
             objectives.gaussian_like(x0)  # sets the per-sample σ index
-            return original(self, denoiser, x0, y, **kw)
+            return original(self, denoiser, x0, y, *args, **kw)
 
-        objectives.DiffusionLoss.__call__ = loss_with_noise_first
+        objectives.DiffusionLoss.terms = loss_with_noise_first
         module = FinetuneModule(preset="EPG-Nano/4", warmup_steps=0, total_steps=10, sample_every_n_val=0)
         for prm in module.net.parameters():  # leave the zero-init output so every parameter gets a gradient
             prm.data.add_(torch.randn_like(prm) * 0.05)
