@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -19,6 +20,7 @@ from epg.lightning.base import (
     seeded_generator,
 )
 from epg.lightning.faults import nonfinite_span
+from epg.lightning.phema import SNAPSHOT_FOLDER, PhemaOptions, PowerEMAs
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine, warmup_steps_schedule
@@ -72,6 +74,8 @@ class FinetuneModule(EPGModule):
             Under EPGCLI ``total_steps`` is also the run's length (``trainer.max_steps`` defaults to it).
         grad_clip: global-norm clip applied once ``warmup_steps`` updates are done.
         ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
+        phema: post-hoc EMA (method.md §13): :class:`~epg.lightning.phema.PhemaOptions` (σ_rels, snapshot_every,
+            snapshot_dtype); power-function copies under ``phema.nets.<i>.``, snapshots in ``<run folder>/phema``.
         normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
             draw independently (method.md §4), and a resumed run continues with the draws it would have made.
@@ -111,6 +115,7 @@ class FinetuneModule(EPGModule):
         lr_factors: tuple[float, ...] = (0.3, 0.08),
         grad_clip: float | None = None,
         ema_rates: tuple[float, ...] = (0.9999,),
+        phema: PhemaOptions | dict | None = None,
         normalization: Literal["imagenet", "simple"] = "imagenet",
         seed: int = 1234,
         paper_grad_scaler: bool = True,
@@ -165,6 +170,8 @@ class FinetuneModule(EPGModule):
         # The grid's sampling options, the deprecated flat keys folded in; a bad option fails here, not at a grid.
         self.sampling = fold_legacy(sampling, legacy_values(FINETUNE_LEGACY_KEYS, locals()), "FinetuneModule")
         self.hparams.sampling = self.sampling.as_dict()  # saved as plain fields, without the flat keys
+        phema_options = PhemaOptions.of(phema)
+        self.hparams.phema = phema_options.as_dict() if phema_options is not None else None
         for key in FINETUNE_LEGACY_KEYS:
             self.hparams.pop(key, None)
         self.sample_sampler = self.sampling.resolved_sampler(OBJECTIVE_SAMPLERS[objective])
@@ -184,6 +191,7 @@ class FinetuneModule(EPGModule):
             )
         # Sampling EMA copies start equal to the online weights after loading (method.md §4).
         self.ema_nets = nn.ModuleList([frozen_copy(self.net) for _ in ema_rates])
+        self.phema = PowerEMAs(self.net, phema_options) if phema_options is not None else None
         # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2) and the frozen stage-1 network (§5.4).
         self.target_net = frozen_copy(self.net, train=True) if cm else None
         self.aux_net = None
@@ -221,7 +229,7 @@ class FinetuneModule(EPGModule):
         return Denoiser(self.net if net is None else net, self.parameterization)
 
     def sharded_networks(self) -> list[nn.Module]:
-        nets = [self.net, *self.ema_nets]
+        nets = [self.net, *self.ema_nets, *(self.phema.nets if self.phema is not None else ())]
         return nets if self.target_net is None else [*nets, self.target_net]
 
     def compiled_networks(self) -> list[nn.Module]:
@@ -256,6 +264,11 @@ class FinetuneModule(EPGModule):
             ema_update_(ema, self.net, rate)
         if self.target_net is not None:
             ema_update_(self.target_net, self.net, 0.0)
+        if self.phema is not None:
+            self.phema.update_(self.net, self.updates)
+            if self._trainer is not None and self.phema.due(self.updates):
+                folder = os.path.join(self.trainer.default_root_dir, SNAPSHOT_FOLDER)
+                self.phema.write_snapshot(folder, self.updates, write=self.trainer.is_global_zero)
 
     # ---- training ----------------------------------------------------------------------------------------------
     def noise_generator(self, device: torch.device, micro_batch: int = 0) -> torch.Generator:

@@ -91,32 +91,59 @@ def profile_dot(t_a: torch.Tensor, gamma_a: torch.Tensor, t_b: torch.Tensor, gam
     return torch.exp(log)
 
 
-def solve_coefficients(
-    in_t: Sequence[float], in_sigma_rel: Sequence[float], out_t: float, out_sigma_rel: float
-) -> torch.Tensor:
-    """Weights x of the snapshots (length t_i, width σ_rel,i) whose sum Σ x_i p_i best matches the profile of
-    (``out_t``, ``out_sigma_rel``) in L2: A x = b with A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p_out⟩ (EDM2 App. C.3),
-    solved by least squares in float64 (A is near-singular when snapshots are alike)."""
+DISCRETE_LIMIT = 20_000_000  # snapshots × updates up to which the exact discrete inner products are used
+
+
+def gram(
+    in_t: Sequence[float], in_sigma_rel: Sequence[float], out_t: float, out_sigma_rel: float, discrete: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, b, c): A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p_out⟩, c = ⟨p_out, p_out⟩ of the snapshot profiles and the target;
+    closed form (:func:`profile_dot`) or, ``discrete``, the dot products of the per-update weights
+    (:func:`discrete_weights`), which are the exact weights of the β_t recursion."""
     if len(in_t) != len(in_sigma_rel) or not len(in_t):
         raise ValueError(f"need one σ_rel per snapshot time, got {len(in_t)} times and {len(in_sigma_rel)} σ_rel")
     t = torch.tensor([float(v) for v in in_t], dtype=torch.float64)
     gamma = torch.tensor([gamma_of_sigma_rel(s) for s in in_sigma_rel], dtype=torch.float64)
-    gamma_out = torch.tensor(gamma_of_sigma_rel(out_sigma_rel), dtype=torch.float64)
-    a = profile_dot(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
-    b = profile_dot(t, gamma, torch.tensor(float(out_t), dtype=torch.float64), gamma_out)
+    g_out = torch.tensor(gamma_of_sigma_rel(out_sigma_rel), dtype=torch.float64)
+    t_out = torch.tensor(float(out_t), dtype=torch.float64)
+    if not discrete:
+        a = profile_dot(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
+        return a, profile_dot(t, gamma, t_out, g_out), profile_dot(t_out, g_out, t_out, g_out)
+    length = int(max(t.max(), t_out))
+    rows = torch.zeros(len(in_t) + 1, length, dtype=torch.float64)
+    for i, (ti, gi) in enumerate([*zip(in_t, gamma.tolist(), strict=True), (out_t, float(g_out))]):
+        rows[i, : int(ti)] = discrete_weights(int(ti), gi)
+    full = rows @ rows.T
+    return full[:-1, :-1], full[:-1, -1], full[-1, -1]
+
+
+def solve_coefficients(
+    in_t: Sequence[float],
+    in_sigma_rel: Sequence[float],
+    out_t: float,
+    out_sigma_rel: float,
+    discrete: bool | None = None,
+) -> torch.Tensor:
+    """Weights x of the snapshots (length t_i, width σ_rel,i) whose sum Σ x_i p_i best matches the profile of
+    (``out_t``, ``out_sigma_rel``) in L2: A x = b with A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p_out⟩ (EDM2 App. C.3),
+    solved by least squares in float64 (A is near-singular when snapshots are alike). ``discrete`` None uses the
+    exact discrete inner products while snapshots × updates ≤ :data:`DISCRETE_LIMIT`, else the closed form (the
+    two agree to O(γ/t), see the tests)."""
+    if discrete is None:
+        discrete = len(in_t) * max(max(in_t), out_t) <= DISCRETE_LIMIT
+    a, b, _ = gram(in_t, in_sigma_rel, out_t, out_sigma_rel, discrete)
     return torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0]
 
 
 def profile_error(
-    coefficients: torch.Tensor, in_t: Sequence[float], in_sigma_rel: Sequence[float], out_t: float, out_sigma_rel: float
+    coefficients: torch.Tensor,
+    in_t: Sequence[float],
+    in_sigma_rel: Sequence[float],
+    out_t: float,
+    out_sigma_rel: float,
+    discrete: bool = False,
 ) -> float:
-    """Relative L2 error ‖Σ x_i p_i − p_out‖ / ‖p_out‖ of a reconstruction's profile (closed form)."""
-    t = torch.tensor([float(v) for v in in_t], dtype=torch.float64)
-    gamma = torch.tensor([gamma_of_sigma_rel(s) for s in in_sigma_rel], dtype=torch.float64)
-    g_out = torch.tensor(gamma_of_sigma_rel(out_sigma_rel), dtype=torch.float64)
-    t_out = torch.tensor(float(out_t), dtype=torch.float64)
+    """Relative L2 error ‖Σ x_i p_i − p_out‖ / ‖p_out‖ of a reconstruction's profile (closed form or discrete)."""
+    a, b, c = gram(in_t, in_sigma_rel, out_t, out_sigma_rel, discrete)
     x = coefficients.to(torch.float64)
-    a = profile_dot(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
-    b = profile_dot(t, gamma, t_out, g_out)
-    c = profile_dot(t_out, g_out, t_out, g_out)
     return float(torch.sqrt(torch.clamp(x @ a @ x - 2 * x @ b + c, min=0.0)) / torch.sqrt(c))
