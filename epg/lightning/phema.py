@@ -57,7 +57,8 @@ class PhemaOptions:
         if self.snapshot_every < 0:
             raise ValueError(f"phema.snapshot_every must be ≥ 0, got {self.snapshot_every}")
         if self.snapshot_dtype not in SNAPSHOT_DTYPES:
-            raise ValueError(f"phema.snapshot_dtype must be one of {sorted(SNAPSHOT_DTYPES)}, got {self.snapshot_dtype!r}")
+            choices = sorted(SNAPSHOT_DTYPES)
+            raise ValueError(f"phema.snapshot_dtype must be one of {choices}, got {self.snapshot_dtype!r}")
 
     @classmethod
     def of(cls, value: PhemaOptions | dict | None) -> PhemaOptions | None:
