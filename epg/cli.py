@@ -16,6 +16,7 @@ TOOLS: dict[str, tuple[str, str, str]] = {
     "convert": ("epg.convert", "main", "turn an official EPG checkpoint into a file epg commands accept"),
     "bench": ("epg.bench", "main", "measure img/s, TFLOP/s and MFU; writes JSON"),
     "demo": ("epg.demo", "main", "the whole pipeline on the embedded MNIST digits"),
+    "ema": ("epg.commands.ema", "main", "post-hoc EMA: reconstruct σ_rel profiles from a run's snapshots"),
 }
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train (resumes from the run's last checkpoint)",

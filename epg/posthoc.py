@@ -50,15 +50,17 @@ def _read(path: Path) -> dict:
     return snap
 
 
-def _headers(files: Sequence[Path]) -> list[tuple[Path, int, list[float]]]:
-    """(file, updates, σ_rels) of each snapshot, read memory-mapped (no weights are loaded)."""
+def snapshot_headers(run: str | os.PathLike | Sequence[str | os.PathLike]) -> list[tuple[Path, int, list[float]]]:
+    """(file, updates, σ_rels) of each snapshot of a run folder (or of a list of files), read memory-mapped (no
+    weights are loaded), oldest first."""
+    files = snapshot_files(run) if isinstance(run, str | os.PathLike) else [Path(p) for p in run]
     out = []
     for path in files:
         snap = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if snap.get("epg_phema_snapshot") != SNAPSHOT_VERSION:
             raise ValueError(f"{path} is not a post-hoc EMA snapshot of version {SNAPSHOT_VERSION}")
         out.append((path, int(snap["updates"]), [float(s) for s in snap["sigma_rels"]]))
-    return out
+    return sorted(out, key=lambda h: h[1])
 
 
 def reconstruct(
@@ -73,8 +75,7 @@ def reconstruct(
     :func:`epg.method.phema.solve_coefficients`; parameters are summed in ``dtype``, one snapshot file in memory at
     a time, buffers come from the last snapshot used. ``run`` is a run folder, its ``phema`` folder or a list of
     snapshot files; ``use`` restricts the snapshot copies to those σ_rel (default: all)."""
-    files = snapshot_files(run) if isinstance(run, str | os.PathLike) else [Path(p) for p in run]
-    headers = _headers(files)
+    headers = snapshot_headers(run)
     if not headers:
         raise FileNotFoundError(f"no post-hoc EMA snapshots (phema-*.pt) in {run}: train with phema set")
     last = max(u for _, u, _ in headers) if updates is None else int(updates)

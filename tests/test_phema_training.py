@@ -60,7 +60,7 @@ def test_copies_follow_the_discrete_profile_without_a_trainer(stage1):
     assert not m.phema.nets[0].training and m.train().phema.nets[0].training is False
 
 
-def test_snapshots_resume_and_reconstruction(tmp_path, stage1):
+def test_snapshots_resume_and_reconstruction(tmp_path, stage1, capsys):
     """24 updates, snapshots every 3: a run resumed at update 11 rewrites the same snapshots (to 1e-6: an in-process
     resume is not bitwise, the kill -9 test of tests/test_resume.py is) and misses none; σ_rel 0.07, tracked
     directly as a third copy, is reconstructed from the 0.05 and 0.10 copies of the 8 snapshots (16 profiles for 24
@@ -112,6 +112,21 @@ def test_snapshots_resume_and_reconstruction(tmp_path, stage1):
     assert all(torch.equal(net_state[k], rec.state_dict[k].to(net_state[k].dtype)) for k in net_state)
     again = FinetuneModule.load_from_checkpoint(path, weights_only=True)
     assert again.hparams.phema["reconstructed"] == TARGET
+    # `epg ema list|reconstruct`, then `epg sample` on what it wrote.
+    from epg.cli import main
+
+    assert main(["ema", "list", str(tmp_path / "straight")]) == 0
+    assert "sigma_rels" in capsys.readouterr().out
+    out = tmp_path / "cli"
+    assert main(["ema", "reconstruct", str(tmp_path / "straight"), "--sigma-rel", "0.06,0.08", "--out", str(out)]) == 0
+    assert '"sigma_rel": 0.08' in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse names the valid σ_rel range
+        main(["ema", "reconstruct", str(tmp_path / "straight"), "--sigma-rel", "0.5"])
+    assert "σ_rel must lie" in capsys.readouterr().err
+    sampled = out / "samples"
+    assert main(["sample", str(out / "sigma_rel-0.06_updates-24.ckpt"), "--out", str(sampled), "--num", "2",
+                 "--steps", "2"]) == 0  # fmt: skip
+    assert len(list(sampled.glob("*.png"))) == 2
     # Reconstructing a tracked σ_rel from all copies returns that copy (the least squares picks it alone).
     (same,) = reconstruct(tmp_path / "straight", [0.10])
     torch.testing.assert_close(_flat(same.state_dict), _flat(straight.phema.nets[1].state_dict()), rtol=0, atol=1e-5)
