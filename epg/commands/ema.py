@@ -16,7 +16,7 @@ import sys
 
 
 def parse_sigma_rels(text: str) -> list[float]:
-    """"0.02,0.05" → [0.02, 0.05]; each must be a valid σ_rel (epg.method.phema.gamma_of_sigma_rel)."""
+    """ "0.02,0.05" → [0.02, 0.05]; each must be a valid σ_rel (epg.method.phema.gamma_of_sigma_rel)."""
     from epg.method.phema import gamma_of_sigma_rel
 
     try:
