@@ -97,9 +97,12 @@ def reconstruct(
             for out, x in zip(sums, coefficients, strict=True):
                 weight = float(x[column])
                 for key, value in state.items():
-                    if key in names and value.is_floating_point():
-                        value = value.to(dtype)
-                        out[key] = out[key].add_(value, alpha=weight) if key in out else value * weight
+                    if not (key in names and value.is_floating_point()):
+                        continue
+                    if key in out:  # add_ promotes a half-precision snapshot without a converted copy
+                        out[key].add_(value, alpha=weight)
+                    else:
+                        out[key] = value.to(dtype) * weight
             column += 1
     result = []
     for s, x, out in zip(sigma_rels, coefficients, sums, strict=True):
