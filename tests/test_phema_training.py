@@ -3,6 +3,8 @@ checkpoints the sampling commands read."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_copies_follow_the_discrete_profile_without_a_trainer(stage1):
     assert not m.phema.nets[0].training and m.train().phema.nets[0].training is False
 
 
-def test_snapshots_resume_and_reconstruction(tmp_path, stage1, capsys):
+def test_snapshots_resume_and_reconstruction(tmp_path, stage1, capsys, monkeypatch):
     """24 updates, snapshots every 3: a run resumed at update 11 rewrites the same snapshots (to 1e-6: an in-process
     resume is not bitwise, the kill -9 test of tests/test_resume.py is) and misses none; σ_rel 0.07, tracked
     directly as a third copy, is reconstructed from the 0.05 and 0.10 copies of the 8 snapshots (16 profiles for 24
@@ -127,6 +129,23 @@ def test_snapshots_resume_and_reconstruction(tmp_path, stage1, capsys):
     assert main(["sample", str(out / "sigma_rel-0.06_updates-24.ckpt"), "--out", str(sampled), "--num", "2",
                  "--steps", "2"]) == 0  # fmt: skip
     assert len(list(sampled.glob("*.png"))) == 2
+    # `epg fid sweep --sigma-rel`: one reconstruction per σ_rel, FID per (σ_rel, CFG scale), both plots; a rerun
+    # samples nothing again.
+    from epg.eval import sweep
+    from tests.test_eval_metrics import photo_crops, write_folder
+
+    write_folder(tmp_path / "real", photo_crops(4, size=16))
+    assert main(["fid", "ref", str(tmp_path / "real"), "--out", str(tmp_path / "ref.npz"), "--device", "cpu"]) == 0
+    ckpt = tmp_path / "straight" / "checkpoints" / "last.ckpt"
+    args = ["fid", "sweep", str(ckpt), "--ref", str(tmp_path / "ref.npz"), "--scales", "1.0", "--num", "4"]
+    args += ["--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "sweep")]
+    args += ["--sigma-rel", "0.05,0.09"]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    assert [(r["sigma_rel"], r["weights"]) for r in rows] == [(0.05, "phema:0.05"), (0.09, "phema:0.09")]
+    assert (tmp_path / "sweep" / "sweep_sigma_rel.png").exists() and (tmp_path / "sweep" / "sweep.png").exists()
+    monkeypatch.setattr(sweep, "sample_images", lambda *a, **k: pytest.fail("a finished row was sampled again"))
+    assert main(args) == 0
     # Reconstructing a tracked σ_rel from all copies returns that copy (the least squares picks it alone).
     (same,) = reconstruct(tmp_path / "straight", [0.10])
     torch.testing.assert_close(_flat(same.state_dict), _flat(straight.phema.nets[1].state_dict()), rtol=0, atol=1e-5)

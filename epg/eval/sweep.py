@@ -29,6 +29,7 @@ from epg.sampling.options import SamplingOptionsError, parse_ema, settings_diff
 
 RESULTS_NAME = "sweep.json"
 PLOT_NAME = "sweep.png"
+SIGMA_REL_PLOT_NAME = "sweep_sigma_rel.png"
 MODE_NAMES = {"balanced": "class-balanced", "random": "random"}
 
 # --- per-image sampling in memory, split over ranks --------------------------------------------------------------
@@ -147,8 +148,34 @@ def best_row(rows: list[dict]) -> dict:
 
 
 def row_tag(row: dict) -> str:
-    """A row's setting as a name, e.g. ``ema-0_cfg1.5``."""
+    """A row's setting as a name, e.g. ``ema-0_cfg1.5`` or ``sigma_rel-0.05_cfg1.5`` (post-hoc EMA, method.md §13)."""
+    if row.get("sigma_rel") is not None:
+        return f"sigma_rel-{row['sigma_rel']:g}_cfg{row['scale']:g}"
     return f"ema-{ema_arg(row['ema'])}_cfg{row['scale']:g}"
+
+
+def plot_sigma_rel(rows: list[dict], path: str | os.PathLike, title: str = "") -> bool:
+    """FID against the post-hoc EMA σ_rel, one line per CFG scale (rows with a ``sigma_rel``), as a PNG."""
+    rows = [r for r in rows if r.get("sigma_rel") is not None]
+    if not rows:
+        return False
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    for scale in sorted({r["scale"] for r in rows}):
+        line = sorted((r["sigma_rel"], r["fid"]) for r in rows if r["scale"] == scale)
+        ax.plot([s for s, _ in line], [f for _, f in line], marker="o", label=f"CFG {scale:g}")
+    ax.set_xlabel("post-hoc EMA σ_rel")
+    ax.set_ylabel(f"FID ({rows[0]['num']} samples)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
 
 
 def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> bool:

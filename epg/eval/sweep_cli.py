@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling and Inception batch")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--sigma-rel", help="post-hoc EMA σ_rel values to sweep (method.md §13), instead of --ema")
+    p.add_argument("--phema-run", help="run folder of the snapshots (default: the checkpoint's, RUN/checkpoints/..)")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -88,7 +90,15 @@ def _final_run(args: argparse.Namespace, row: dict, mode: str, inception: Incept
     from epg import sample as sample_tool
 
     folder = Path(args.out) / "final" / f"{sweep.row_tag(row)}_{mode}_n{args.final_num}"
-    argv = [args.checkpoint, "--out", str(folder), "--num", str(args.final_num), "--ema", sweep.ema_arg(row["ema"])]
+    argv = [
+        row.get("checkpoint") or args.checkpoint,
+        "--out",
+        str(folder),
+        "--num",
+        str(args.final_num),
+        "--ema",
+        sweep.ema_arg(row["ema"]),
+    ]
     argv += ["--sampler", args.sampler, "--steps", str(args.steps), "--cfg", str(row["scale"])]
     argv += ["--interval", args.interval, "--labels", mode, "--seed", str(args.seed), "--batch", str(args.batch_size)]
     argv += ["--label-counts", args.label_counts]
@@ -125,11 +135,18 @@ def run(args: argparse.Namespace) -> int:
 
     inception = InceptionFeatures(device=args.device)
     reference = open_reference(args.ref, inception, batch_size=args.batch_size, progress=True)
-    done = {(r["ema"], r["scale"]): r for r in results["rows"]}
+    done = {(r["ema"], r.get("sigma_rel"), r["scale"]): r for r in results["rows"]}
     rows: list[dict] = []
-    for ema in emas:
-        todo = [s for s in scales if (ema, s) not in done]
-        model = load_denoiser(args.checkpoint, ema=ema, preset=args.preset) if todo else None
+    sources = [(ema, None) for ema in emas]
+    if args.sigma_rel:  # one reconstructed checkpoint per σ_rel, its EMA slot 0 (epg.posthoc)
+        sigma_rels = _floats(args.sigma_rel, "--sigma-rel")
+        sources = [(0, s) for s in sigma_rels]
+        todo = [s for s in sigma_rels if any((0, s, scale) not in done for scale in scales)]
+        paths = phema_checkpoints(args.checkpoint, todo, out, args.phema_run)
+    for ema, sigma_rel in sources:
+        todo = [s for s in scales if (ema, sigma_rel, s) not in done]
+        checkpoint = args.checkpoint if sigma_rel is None else paths.get(sigma_rel)
+        model = load_denoiser(checkpoint, ema=ema, preset=args.preset) if todo else None
         if model is not None:
             model.denoiser.to(inception.device)
             size = (model.denoiser.image_size,) * 2
@@ -139,9 +156,11 @@ def run(args: argparse.Namespace) -> int:
                     f"{size[0]}x{size[1]} images; make a reference at the sample resolution (`epg fid ref`)"
                 )
         for scale in scales:
-            row = done.get((ema, scale))
+            row = done.get((ema, sigma_rel, scale))
             if row is None:
                 row = row_of(model, ema, scale, sweep_labels)
+                if sigma_rel is not None:
+                    row |= {"sigma_rel": sigma_rel, "checkpoint": str(checkpoint)}
                 results["rows"].append(row)
                 sweep.save_results(path, results)
                 print(f"{row['weights']:>12}  cfg {scale:<5g}  FID {row['fid']:.3f}  ({row['seconds']} s)")
@@ -156,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     title = f"{Path(args.checkpoint).name}: {args.sampler} {args.steps} steps, {sweep_labels} labels"
     if sweep.plot_sweep(rows, out / sweep.PLOT_NAME, title):
         print(f"wrote {out / sweep.PLOT_NAME}")
+    if sweep.plot_sigma_rel(rows, out / sweep.SIGMA_REL_PLOT_NAME, title):
+        print(f"wrote {out / sweep.SIGMA_REL_PLOT_NAME}")
 
     modes = list(LABEL_MODES) if args.labels == "both" else [args.labels]
     tag = sweep.row_tag(best)
@@ -164,13 +185,36 @@ def run(args: argparse.Namespace) -> int:
         results["final"] = {"num": args.final_num, "setting": tag, **final}
         _report({mode: final[mode]["metrics"] for mode in modes}, f"{args.final_num} samples, {tag}")
     elif args.labels == "both":  # compare label modes at --num: the balanced row is the sweep's
-        model = load_denoiser(args.checkpoint, ema=best["ema"], preset=args.preset)
+        model = load_denoiser(best.get("checkpoint") or args.checkpoint, ema=best["ema"], preset=args.preset)
         model.denoiser.to(inception.device)
         results["labels"] = {"balanced": best, "random": row_of(model, best["ema"], best["scale"], "random")}
         _report({mode: {"fid": results["labels"][mode]["fid"]} for mode in modes}, f"{args.num} samples, {tag}")
     sweep.save_results(path, results)
     print(f"wrote {path}")
     return 0
+
+
+def phema_checkpoints(checkpoint: str, sigma_rels: list[float], out: Path, run: str | None = None) -> dict[float, Path]:
+    """Reconstruct each σ_rel from the snapshots of ``run`` (default: the folder above the checkpoint's
+    ``checkpoints/``) into a copy of ``checkpoint`` under ``out/phema``; the files of earlier reruns are reused."""
+    from epg.posthoc import reconstruct_run, reconstruction_name, snapshot_headers
+
+    if run is None:
+        parent = Path(checkpoint).resolve().parent
+        run = parent.parent if parent.name == "checkpoints" else parent
+    folder = out / "phema"
+    headers = snapshot_headers(run)
+    if not headers:
+        raise EvalInputError(f"--sigma-rel: no post-hoc EMA snapshots in {run}/phema; give the run with --phema-run")
+    updates = headers[-1][1]
+    paths = {s: folder / reconstruction_name(s, updates) for s in sigma_rels}
+    missing = [s for s, p in paths.items() if not p.exists()]
+    if missing:
+        try:
+            reconstruct_run(run, missing, updates, checkpoint, folder)
+        except ValueError as err:
+            raise EvalInputError(f"--sigma-rel: {err}") from None
+    return paths
 
 
 def _report(metrics: dict[str, dict], what: str) -> None:
