@@ -13,6 +13,7 @@ instead of adding or losing any. :mod:`epg.posthoc` reads them back and reconstr
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,11 +77,9 @@ class PowerEMAs(nn.Module):
 
     def __init__(self, net: nn.Module, options: PhemaOptions) -> None:
         super().__init__()
-        from epg.lightning.base import frozen_copy
-
         self.options = options
         self.gammas = [gamma_of_sigma_rel(s) for s in options.sigma_rels]
-        self.nets = nn.ModuleList([frozen_copy(net) for _ in options.sigma_rels])
+        self.nets = nn.ModuleList([copy.deepcopy(net).requires_grad_(False).eval() for _ in options.sigma_rels])
 
     def train(self, mode: bool = True) -> PowerEMAs:
         return super().train(False)
