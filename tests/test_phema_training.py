@@ -146,6 +146,12 @@ def test_snapshots_resume_and_reconstruction(tmp_path, stage1, capsys, monkeypat
     assert (tmp_path / "sweep" / "sweep_sigma_rel.png").exists() and (tmp_path / "sweep" / "sweep.png").exists()
     monkeypatch.setattr(sweep, "sample_images", lambda *a, **k: pytest.fail("a finished row was sampled again"))
     assert main(args) == 0
+    # The scoring loop the demo calls: a row per σ_rel with the scorer's numbers, and their plot.
+    from epg.eval.phema import plot_sigma_rels, score_sigma_rels
+
+    scored = score_sigma_rels(tmp_path / "straight", [0.05, 0.08], lambda p: {"fid": float(p.stat().st_size > 0)})
+    assert [(r["sigma_rel"], r["updates"], r["fid"]) for r in scored] == [(0.05, 24, 1.0), (0.08, 24, 1.0)]
+    assert plot_sigma_rels(scored, tmp_path / "phema.png") and (tmp_path / "phema.png").exists()
     # Reconstructing a tracked σ_rel from all copies returns that copy (the least squares picks it alone).
     (same,) = reconstruct(tmp_path / "straight", [0.10])
     torch.testing.assert_close(_flat(same.state_dict), _flat(straight.phema.nets[1].state_dict()), rtol=0, atol=1e-5)
