@@ -5,6 +5,7 @@ class accuracy of :func:`epg.demo.evaluate.evaluate`, with fewer samples), then 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -36,8 +37,11 @@ def evaluate_phema(run: Path, ckpt: Path, data_dir: Path, demo: DemoSettings, cf
         folder = demo.out / "phema" / path.stem
         folder.mkdir(parents=True, exist_ok=True)
         for cached in [demo.out / "digit_classifier.pt", *demo.out.glob("fid_reference_val*.npz")]:
-            if cached.is_file():
-                shutil.copy(cached, folder / cached.name)
+            if cached.is_file() and not (folder / cached.name).exists():
+                try:  # a hard link where the file system allows it (the reference cache can be tens of MB)
+                    os.link(cached, folder / cached.name)
+                except OSError:
+                    shutil.copy(cached, folder / cached.name)
         result = evaluate(path, data_dir, dataclasses.replace(few, out=folder), cfg, start)
         return {key: result[key] for key in ("fid", "class_accuracy", "fid_samples", "grid")}
 
