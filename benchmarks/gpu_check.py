@@ -71,6 +71,9 @@ LIFECYCLE_GPU = [
 # (name, benchmarks/optimizer_step.py argv, target): fused vs foreach AdamW, one clipped update (the default's basis).
 OPTIMIZER_GPU = [("optimizer_xl16", "--preset EPG-XL/16 --steps 20", "fused faster than foreach (speedup > 1)")]
 OPTIMIZER_CPU = [("optimizer_smoke", "--preset EPG-Nano/4 --steps 2", "")]
+# (name, benchmarks/phema_cost.py argv, target): post-hoc EMA update and reconstruction times (method.md §13).
+PHEMA_GPU = [("phema_xl16", "--preset EPG-XL/16 --steps 20 --snapshots 4", "report update and reconstruction times")]
+PHEMA_CPU = [("phema_smoke", "--preset EPG-Nano/4 --steps 2 --snapshots 2", "")]
 LIFECYCLE_CPU = [("lifecycle_smoke", "finetune/epg_xl16_dm_in256.yaml --device cpu --batch 8", "tiny widths")]
 CPU_RUNS = [
     ("dm_smoke", "train --stage finetune --preset EPG-Nano/4 --batch 4 --steps 2 --warmup 1 --precision 32", "", None),
@@ -135,6 +138,7 @@ JSON_TOOLS = {
     "bench": (["-m", "epg.cli", "bench"], "epg bench"),
     "optimizer": (["benchmarks/optimizer_step.py"], "python benchmarks/optimizer_step.py"),
     "lifecycle": (["-m", "tests._lifecycle"], "python -m tests._lifecycle"),
+    "phema": (["benchmarks/phema_cost.py"], "python benchmarks/phema_cost.py"),
 }
 
 
@@ -173,6 +177,14 @@ def run_optimizer(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     return record
 
 
+def run_phema(name: str, args: str, out_dir: Path, timeout: int) -> dict:
+    """benchmarks/phema_cost.py ARGS: post-hoc EMA memory, snapshot bytes, update and reconstruction times."""
+    record, payload = run_json("phema", name, args, timeout)
+    if payload is not None:
+        record["result"] = {k: v for k, v in payload.items() if k != "presets"}
+    return record
+
+
 def run_lifecycle(name: str, args: str, out_dir: Path, timeout: int) -> dict:
     """`python -m tests._lifecycle ARGS`: two `epg fit` runs of a config (the second resumes), boundaries checked."""
     record, payload = run_json("lifecycle", name, args, timeout)
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(run_one, args.timeout, *run) for run in (GPU_RUNS if gpu else CPU_RUNS)]
         check = lambda r: r["fused_speedup"] > 1  # noqa: E731
         runs += [(run_optimizer, args.timeout, *run, check) for run in (OPTIMIZER_GPU if gpu else OPTIMIZER_CPU)]
+        runs += [(run_phema, args.timeout, *run, None) for run in (PHEMA_GPU if gpu else PHEMA_CPU)]
     if not args.skip_demo:
         demo_dir = Path(tempfile.mkdtemp(prefix="epg_gpu_check_demo_"))
         demo = functools.partial(run_demo, demo_dir=demo_dir)

@@ -72,6 +72,9 @@ def _lightning_network(ckpt: dict, ema: int | None) -> tuple[EPGNetwork, str, st
     load_into(network, state)
     parameterization = checkpoint_loss(hp).parameterization
     weights = "online" if ema is None else f"ema:{rates[ema]}"
+    reconstructed = (hp.get("phema") or {}).get("reconstructed")
+    if ema == 0 and reconstructed is not None:  # epg.posthoc put a reconstruction in the first slot
+        weights = f"phema:{reconstructed}"
     return network, parameterization, hp.get("normalization", "imagenet"), weights
 
 

@@ -17,6 +17,7 @@ TOOLS: dict[str, str] = {
     "convert": "turn an official EPG checkpoint into a file epg commands accept",
     "bench": "measure img/s, TFLOP/s and MFU; writes JSON",
     "demo": "the whole pipeline on the embedded MNIST digits",
+    "ema": "post-hoc EMA: reconstruct σ_rel profiles from a run's snapshots",
 }
 LIGHTNING_SUBCOMMANDS = {
     "fit": "train (resumes from the run's last checkpoint)",

@@ -16,6 +16,8 @@ import torch
 import yaml
 from lightning.pytorch.plugins import MixedPrecision
 
+from epg.method.phema import power_beta
+
 ROOT = Path(__file__).resolve().parents[1]
 # Width and depth of the CPU runs' networks (16 px, patch 4).
 TINY = {"enc_dim": 32, "enc_depth": 2, "enc_heads": 2, "dec_dim": 32, "dec_depth": 2, "dec_heads": 2}
@@ -42,9 +44,11 @@ SIZE_AND_TIME = {
         "loss",  # its init_args: LOSS_SIZE_AND_TIME only
         "grid_size",
         "knn_bank_size",
+        "phema",  # its snapshot_every only
     },
     "data": {"image_size", "global_batch_size", "val_batch_size", "num_workers"},
 }
+PHEMA_EVERY = 2  # snapshot interval of the lifecycle runs with post-hoc EMA
 LOSS_SIZE_AND_TIME = {"ect_d0", "ect_d1"}  # what SHRINK.yaml may set in model.init_args.loss.init_args
 # Per kind: the first run's last step, the final step, and the compressed schedule.
 PLANS = {
@@ -114,6 +118,8 @@ def shrink(cfg: dict, max_steps: int, probe: str, device: str = "cpu", batch: in
             out["trainer"]["sync_batchnorm"] = False
     if "grid_size" in args:
         out["model"]["init_args"]["grid_size"] = 4
+    if args.get("phema"):  # a snapshot every 2 applied updates, so both runs write some (method.md §13)
+        out["model"]["init_args"]["phema"] = {**args["phema"], "snapshot_every": PHEMA_EVERY}
     for section, keys in SIZE_AND_TIME.items():
         given = out[section]["init_args"] if section == "model" else out[section]
         assert set(given) <= keys, f"SHRINK.yaml may change only size and time, not {set(given) - keys}"
@@ -219,6 +225,16 @@ def check_lifecycle(cfg: dict, rows: list[dict]) -> dict:
         assert all(r["target_distance"] == 0.0 for r in applied), "the stop-gradient target is the online copy"
         assert all(r["clipped"] == 0 for r in rows), "the CM does not clip (§5.5)"
         crossed["ect_stages"] = sorted(set(r["ect_stage"] for r in applied))
+    if args.get("phema"):  # one snapshot per PHEMA_EVERY applied updates, across the resume: none lost or repeated
+        folder = Path(cfg["trainer"]["default_root_dir"]) / "phema"
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == [f"phema-{u:09d}.pt" for u in range(PHEMA_EVERY, crossed["updates"] + 1, PHEMA_EVERY)], names
+        stop = PLANS[kind]["stop"]
+        before = [r["updates_before"] + r["applied"] for r in rows if r["step"] == stop][0]
+        assert 0 < before // PHEMA_EVERY < len(names), "snapshots on both sides of the resume"
+        for name in names:
+            assert torch.load(folder / name, weights_only=True, mmap=True)["updates"] == int(name[6:15])
+        crossed["phema_snapshots"] = len(names)
     return crossed
 
 
@@ -234,6 +250,9 @@ def _pairs(module) -> list[tuple[str, torch.nn.Module, torch.nn.Module, float]]:
         pairs = [(f"ema{i}", e, module.net, m) for i, (e, m) in enumerate(zip(module.ema_nets, rates, strict=True))]
         if module.target_net is not None:
             pairs.append(("target", module.target_net, module.net, 0.0))
+        if getattr(module, "phema", None) is not None:  # power-function copies: β_t of the updates made so far
+            for i, (copy, gamma) in enumerate(zip(module.phema.nets, module.phema.gammas, strict=True)):
+                pairs.append((f"phema{i}", copy, module.net, power_beta(max(module.updates, 1), gamma)))
         return pairs
     return [("target", module.target, module.online, module.hparams.target_momentum)]  # PretrainModule
 

@@ -43,6 +43,8 @@ def test_gpu_check_cpu_path_writes_json(tmp_path):
     assert names["dm_smoke"]["clipped_timed_steps"] == names["dm_smoke"]["steps"]
     assert names["pretrain_smoke"]["clipped_timed_steps"] == 0
     assert [r["impl"] for r in names["optimizer_smoke"]["runs"]] == ["fused", "foreach"]
+    phema = names["phema_smoke"]  # benchmarks/phema_cost.py: post-hoc EMA update and reconstruction times
+    assert phema["update_all_copies_s"] > 0 and phema["reconstruct_s"] > 0
     lifecycle = names["lifecycle_smoke"]  # the XL/16 config's two fits at tiny width, boundaries checked
     assert lifecycle["ok"] and lifecycle["crossed"]["clipped_updates"] > 0 and lifecycle["crossed"]["updates"] > 10
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -38,7 +38,7 @@ def test_schedule_args_rescale_the_cm_schedule() -> None:
 # What the GPU variant may change relative to the CPU demo: run length and what scales with it, paths, the device.
 GPU_CHANGES = {
     "accelerator", "max_steps", "total_steps", "warmup_steps", "val_check_interval", "every_n_train_steps",
-    "lr_milestones", "ect_d0", "ect_d1", "ema_rates", "num_workers", "every_n_steps",
+    "lr_milestones", "ect_d0", "ect_d1", "ema_rates", "num_workers", "every_n_steps", "snapshot_every",
 }  # fmt: skip
 GPU_CHANGED_KEYS = {"model.init_args.sampling.steps"}  # the grid's sampler steps (InLoopFID's stay)
 
@@ -93,6 +93,16 @@ def test_demo_cpu_tiny(tmp_path: Path) -> None:
     assert main(["--out", str(out), *tiny]) == 0
     summary = _check_outputs(out, "diffusion", "finetune_dm")
     assert summary["fid_samples"] == 10 and summary["fid_reference"] == 8
+    # Post-hoc EMA (method.md §13): the 2-step stage 2 snapshots every step; each σ_rel is reconstructed and scored.
+    from epg.demo.phema import PHEMA_SIGMA_RELS
+
+    phema = summary["phema"]
+    assert [row["sigma_rel"] for row in phema["rows"]] == list(PHEMA_SIGMA_RELS)
+    assert all(row["fid"] >= 0.0 and 0.0 <= row["class_accuracy"] <= 1.0 for row in phema["rows"])
+    assert Path(phema["plot"]).is_file() and sorted(p.name for p in (out / "finetune_dm" / "phema").glob("*.pt")) == [
+        "phema-000000001.pt",
+        "phema-000000002.pt",
+    ]
     # A second run skips both completed stages.
     assert main(["--out", str(out), *tiny]) == 0
     again = json.loads((out / "summary.json").read_text())

@@ -172,11 +172,17 @@ MODULES = {
 BATCHES_PER_EPOCH = 7  # with accumulate_grad_batches 2: steps end at batches 2, 4, 6, 7 of each epoch
 
 
-def write_config(path: Path, root: Path, data: Path, steps: int = 8, delay: float = 0.3, **layout: Any) -> Path:
+PHEMA_ARGS = "\n    phema: {sigma_rels: [0.05, 0.1], snapshot_every: 2, snapshot_dtype: float32}"
+
+
+def write_config(
+    path: Path, root: Path, data: Path, steps: int = 8, delay: float = 0.3, phema: bool = False, **layout: Any
+) -> Path:
     """An `epg fit` config of EPG-Nano/4 on the demo shards, 8-sample batches, BATCHES_PER_EPOCH per epoch;
-    ``layout`` may set stage ("finetune"), workers (0) and accumulate (1)."""
+    ``layout`` may set stage ("finetune"), workers (0) and accumulate (1); ``phema`` adds post-hoc EMA copies."""
     layout = {"stage": "finetune", "workers": 0, "accumulate": 1} | layout
     module, model_args = MODULES[layout["stage"]]
+    model_args += PHEMA_ARGS if phema else ""
     options = dict(module=module, model_args=model_args, samples=8 * BATCHES_PER_EPOCH, **layout)
     path.write_text(CONFIG.format(root=root, data=data, steps=steps, delay=delay, **options))
     return path
@@ -235,6 +241,31 @@ def test_epg_fit_interrupted_then_rerun_is_exact(tmp_path, demo_data, stage, sig
     assert got["global_step"] == STEPS
     assert_same_run(ref_state, got)
     assert not list(folder.glob("*.tmp*"))  # epg.io's hidden .NAME.tmp-PID siblings included
+
+
+def test_epg_fit_with_phema_killed_then_rerun_is_exact(tmp_path, demo_data):
+    """Post-hoc EMA on (method.md §13): SIGKILL mid-run, rerun; the copies are bitwise those of an uninterrupted
+    run, and the snapshots (every 2 updates) are the same files with the same tensors: none lost, none extra."""
+    ref_log, log = tmp_path / "ref.log", tmp_path / "run.log"
+    ref_config = write_config(tmp_path / "ref.yaml", tmp_path / "ref", demo_data, steps=STEPS, delay=0.0, phema=True)
+    ref = start(["-m", "epg.cli", "fit", "-c", str(ref_config)], ref_log)
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", demo_data, steps=STEPS, delay=0.3, phema=True)
+    command, folder = ["-m", "epg.cli", "fit", "-c", str(config)], tmp_path / "run" / "checkpoints"
+    assert interrupt(start(command, log), "kill", folder, 3, log) < STEPS
+    run = start(command, log)
+    assert finish(run, log) == 0, log.read_text()[-3000:]
+    assert finish(ref, ref_log) == 0, ref_log.read_text()[-3000:]
+    ref_state, got = run_state(tmp_path / "ref" / "checkpoints" / "last.ckpt"), run_state(folder / "last.ckpt")
+    assert any(k.startswith("phema.nets.1.") for k in got["state_dict"])
+    assert_same_run(ref_state, got)
+    names = sorted(p.name for p in (tmp_path / "ref" / "phema").iterdir())
+    assert names == [f"phema-{u:09d}.pt" for u in range(2, STEPS + 1, 2)]
+    assert sorted(p.name for p in (tmp_path / "run" / "phema").iterdir()) == names  # no .tmp leftovers either
+    for name in names:
+        a, b = load(tmp_path / "ref" / "phema" / name), load(tmp_path / "run" / "phema" / name)
+        assert a["updates"] == b["updates"]
+        for x, y in zip(a["state_dicts"], b["state_dicts"], strict=True):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
 def test_ctrl_c_saves_like_sigterm(tmp_path, demo_data):

@@ -3,5 +3,6 @@ calls library code (the LightningCLI subcommands are :mod:`epg.lightning.cli`; t
 
 ``prepare`` (:mod:`epg.data.prepare`), ``sample`` (:class:`epg.sampling.run.SampleRun`), ``fid`` and ``fid sweep``
 (:mod:`epg.eval`, :class:`epg.eval.sweep.Sweep`), ``convert`` (:mod:`epg.nn.official`), ``bench``
-(:mod:`epg.bench`) and ``demo`` (:mod:`epg.demo`). The library never imports this package.
+(:mod:`epg.bench`), ``demo`` (:mod:`epg.demo`) and ``ema`` (:mod:`epg.posthoc`). The library never imports this
+package.
 """

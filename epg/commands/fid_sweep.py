@@ -1,4 +1,5 @@
-"""`epg fid sweep`: FID per (CFG scale, EMA copy) on few samples, the best setting, its full run (method.md §6, §8).
+"""`epg fid sweep`: FID per (CFG scale, EMA copy or post-hoc EMA σ_rel) on few samples, the best setting, its full
+run (method.md §6, §8, §13).
 
 Each setting samples ``--num`` images in memory and appends a row to ``OUT/sweep.json``; rerunning the same command
 skips the rows already there. The best setting is then optionally sampled ``--final-num`` times (PNGs + ADM-style
@@ -42,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling and Inception batch")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--sigma-rel", help="post-hoc EMA σ_rel values to sweep (method.md §13), instead of --ema")
+    p.add_argument("--phema-run", help="run folder of the snapshots (default: the checkpoint's, RUN/checkpoints/..)")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -78,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
+        sigma_rels=_floats(args.sigma_rel, "--sigma-rel") if args.sigma_rel else None,
+        phema_run=args.phema_run,
     )
     sweep.run()
     return 0

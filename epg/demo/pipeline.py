@@ -6,8 +6,9 @@ digits classified by their neighbours among the train digits, as ``val/knn_acc``
 stage-1 checkpoint as a diffusion model (§4, ``finetune_dm.yaml``) or a consistency model (§5, ``finetune_cm.yaml``),
 then with the first EMA copy: a 10x10 grid (row c = class c, fixed seed), N class-balanced samples scored by FID
 against the val split (cached reference statistics) and by the class accuracy of a small digit classifier
-(:mod:`epg.eval.digits`). ``device="gpu"`` uses ``configs/demo/gpu/*.yaml`` (the CPU recipe trained longer; with
-``accelerator="cpu"`` the same steps run on a CPU).
+(:mod:`epg.eval.digits`); when stage 2 kept post-hoc EMA snapshots, the same scores of a few reconstructed σ_rel
+profiles and their plot (:mod:`epg.demo.phema`). ``device="gpu"`` uses ``configs/demo/gpu/*.yaml`` (the CPU recipe
+trained longer; with ``accelerator="cpu"`` the same steps run on a CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import platform
 import time
 
 from epg.demo.evaluate import evaluate, stage1_knn
+from epg.demo.phema import evaluate_phema, has_snapshots
 from epg.demo.settings import OBJECTIVES, DemoError, DemoSettings, load_yaml, log
 from epg.demo.stages import run_length, run_stage
 
@@ -92,6 +94,9 @@ def run_demo(settings: DemoSettings) -> dict:
     ckpt = ft_dir / "checkpoints" / "last.ckpt"
     summary["settings"] = {"pretrain": pre["model"]["init_args"], "finetune": ft["model"]["init_args"]}
     summary.update(step("evaluation", lambda: evaluate(ckpt, data_dir, settings, ft, start)))
+    if has_snapshots(ft_dir):  # stage 2 kept post-hoc EMA profiles (method.md §13)
+        phema = lambda: evaluate_phema(ft_dir, ckpt, data_dir, settings, ft, start)  # noqa: E731
+        summary["phema"] = step("post-hoc EMA", phema)
     summary["timings_s"] = timings
     summary["total_s"] = round(time.perf_counter() - start, 1)
     summary["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -2,7 +2,7 @@
 
 A stage runs with its own thread settings; a finished stage is skipped and an interrupted one resumes from its last
 checkpoint. The step counts of a config can be changed: its step-valued schedule (warm-up, LR steps, ECT stages,
-checkpoint interval) is rescaled with them.
+post-hoc EMA snapshot interval, checkpoint interval) is rescaled with them.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ def schedule_args(cfg: dict, steps: int) -> list[str]:
     if "lr_milestones" in init and steps != planned:
         milestones = [max(1, round(m * scale)) for m in init["lr_milestones"]]
         args += ["--model.init_args.lr_milestones", json.dumps(milestones)]
+    phema = init.get("phema") or {}
+    if phema.get("snapshot_every") and steps != planned:  # post-hoc EMA snapshots (method.md §13): as many as planned
+        every = max(1, round(phema["snapshot_every"] * scale))
+        args += ["--model.init_args.phema", json.dumps({**phema, "snapshot_every": every})]
     callbacks = cfg["trainer"].get("callbacks") or []
     every = next((c["init_args"].get("every_n_train_steps") for c in callbacks if "every_n_train_steps" in str(c)), 0)
     args += ["--trainer.callbacks.init_args.every_n_train_steps", str(checkpoint_every(steps, every or steps))]

@@ -30,6 +30,7 @@ from epg.checkpoint import default_sampler, load_denoiser, read_hyper_parameters
 from epg.eval.errors import EvalInputError
 from epg.eval.inception import InceptionFeatures, extract_features, pool_features
 from epg.eval.metrics import fid_to_reference, score
+from epg.eval.phema import plot_sigma_rel
 from epg.eval.reference import ReferenceStats, open_reference
 from epg.eval.tables import format_comparison, format_results, format_sweep
 from epg.io import write_json
@@ -41,6 +42,7 @@ from epg.sampling.run import SampleRun, SampleRunError, counts_digest, label_cou
 
 RESULTS_NAME = "sweep.json"
 PLOT_NAME = "sweep.png"
+SIGMA_REL_PLOT_NAME = "sweep_sigma_rel.png"
 MODE_NAMES = {"balanced": "class-balanced", "random": "random"}
 
 # --- per-image sampling in memory, split over ranks --------------------------------------------------------------
@@ -159,7 +161,9 @@ def best_row(rows: list[dict]) -> dict:
 
 
 def row_tag(row: dict) -> str:
-    """A row's setting as a name, e.g. ``ema-0_cfg1.5``."""
+    """A row's setting as a name, e.g. ``ema-0_cfg1.5`` or ``sigma_rel-0.05_cfg1.5`` (post-hoc EMA, method.md §13)."""
+    if row.get("sigma_rel") is not None:
+        return f"sigma_rel-{row['sigma_rel']:g}_cfg{row['scale']:g}"
     return f"ema-{ema_arg(row['ema'])}_cfg{row['scale']:g}"
 
 
@@ -200,6 +204,9 @@ class Sweep:
         out: folder for sweep.json, sweep.png and the final run's samples.
         scales: CFG scales w (1 = no guidance).
         emas: EMA copies (None = the online weights); None: every copy the checkpoint keeps (:func:`ema_choices`).
+        sigma_rels: post-hoc EMA σ_rel values to sweep instead of ``emas`` (method.md §13): each reconstructed from
+            the snapshots of ``phema_run`` (default: the run folder above the checkpoint's ``checkpoints/``) into a
+            copy of the checkpoint under ``out/phema`` (:func:`epg.eval.phema.phema_checkpoints`), its EMA slot 0.
         num: samples per setting of the sweep; final_num: then sample the best setting this many times.
         sampler, steps: None: what the checkpoint's objective needs (heun or consistency) and its steps.
         interval: the CFG σ interval (unshifted; None: every level).
@@ -227,6 +234,8 @@ class Sweep:
     seed: int = 0
     batch_size: int = 100
     device: str | None = None
+    sigma_rels: Sequence[float] | None = None
+    phema_run: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -237,6 +246,7 @@ class Sweep:
         if self.labels not in (*LABEL_MODES, "both"):
             raise EvalInputError(f"--labels takes one of {(*LABEL_MODES, 'both')}, got {self.labels!r}")
         self.emas = ema_choices("all", self.checkpoint) if self.emas is None else list(self.emas)
+        self.sigma_rels = [float(s) for s in self.sigma_rels or ()]
         self.sampler = self.sampler or default_sampler(self.checkpoint)
         self.steps = self.steps or default_steps(self.sampler)
         self.options(1.0, "balanced")  # a bad sampler or step count fails before any sampling
@@ -281,15 +291,17 @@ class Sweep:
             settings = self.options(scale, mode).settings(class_counts=counts)
             return in_memory_fid(model, ema, scale, settings, self.num, inception, reference, self.batch_size)
 
-        done = {(r["ema"], r["scale"]): r for r in results["rows"]}
+        done = {(r["ema"], r.get("sigma_rel"), r["scale"]): r for r in results["rows"]}
         rows: list[dict] = []
-        for ema in self.emas:
-            todo = [s for s in self.scales if (ema, s) not in done]
-            model = self._load(ema, inception, reference) if todo else None
+        for ema, sigma_rel, checkpoint in self.sources(done):
+            todo = [s for s in self.scales if (ema, sigma_rel, s) not in done]
+            model = self._load(ema, inception, reference, checkpoint) if todo else None
             for scale in self.scales:
-                row = done.get((ema, scale))
+                row = done.get((ema, sigma_rel, scale))
                 if row is None:
                     row = row_of(model, ema, scale, self.sweep_labels)
+                    if sigma_rel is not None:
+                        row |= {"sigma_rel": sigma_rel, "checkpoint": str(checkpoint)}
                     results["rows"].append(row)
                     save_results(path, results)
                     print(f"{row['weights']:>12}  cfg {scale:<5g}  FID {row['fid']:.3f}  ({row['seconds']} s)")
@@ -305,6 +317,8 @@ class Sweep:
         title = f"{Path(self.checkpoint).name}: {self.sampler} {self.steps} steps, {self.sweep_labels} labels"
         if plot_sweep(rows, self.out / PLOT_NAME, title):
             print(f"wrote {self.out / PLOT_NAME}")
+        if plot_sigma_rel(rows, self.out / SIGMA_REL_PLOT_NAME, title):
+            print(f"wrote {self.out / SIGMA_REL_PLOT_NAME}")
 
         modes = list(LABEL_MODES) if self.labels == "both" else [self.labels]
         tag = row_tag(best)
@@ -313,16 +327,28 @@ class Sweep:
             results["final"] = {"num": self.final_num, "setting": tag, **final}
             _report({mode: final[mode]["metrics"] for mode in modes}, f"{self.final_num} samples, {tag}")
         elif self.labels == "both":  # compare label modes at num: the balanced row is the sweep's
-            model = self._load(best["ema"], inception, reference)
+            model = self._load(best["ema"], inception, reference, best.get("checkpoint"))
             results["labels"] = {"balanced": best, "random": row_of(model, best["ema"], best["scale"], "random")}
             _report({mode: {"fid": results["labels"][mode]["fid"]} for mode in modes}, f"{self.num} samples, {tag}")
         save_results(path, results)
         print(f"wrote {path}")
         return results
 
-    def _load(self, ema: int | None, inception: InceptionFeatures, reference: ReferenceStats):
-        """The weights of one EMA choice on the Inception device, checked against the reference's resolution."""
-        model = load_denoiser(self.checkpoint, ema=ema, preset=self.preset)
+    def sources(self, done: dict) -> list[tuple[int | None, float | None, str | os.PathLike | None]]:
+        """(EMA slot, σ_rel, checkpoint) of each weight source: the EMA choices of ``checkpoint``, or with
+        ``sigma_rels`` slot 0 of one reconstruction per σ_rel (made only for those with rows still to do)."""
+        if not self.sigma_rels:
+            return [(ema, None, self.checkpoint) for ema in self.emas]
+        from epg.eval.phema import phema_checkpoints
+
+        todo = [s for s in self.sigma_rels if any((0, s, scale) not in done for scale in self.scales)]
+        paths = phema_checkpoints(self.checkpoint, todo, self.out, self.phema_run)
+        return [(0, s, paths.get(s)) for s in self.sigma_rels]
+
+    def _load(self, ema: int | None, inception: InceptionFeatures, reference: ReferenceStats, checkpoint=None):
+        """The weights of one EMA choice (of ``checkpoint``, default the sweep's) on the Inception device, checked
+        against the reference's resolution."""
+        model = load_denoiser(checkpoint or self.checkpoint, ema=ema, preset=self.preset)
         model.denoiser.to(inception.device)
         size = (model.denoiser.image_size,) * 2
         if reference.resolution is not None and tuple(reference.resolution) != size:
@@ -338,7 +364,7 @@ class Sweep:
         options = self.options(row["scale"], mode)
         try:
             run = SampleRun(
-                self.checkpoint,
+                row.get("checkpoint") or self.checkpoint,
                 folder,
                 self.final_num,
                 options,

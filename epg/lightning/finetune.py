@@ -9,6 +9,7 @@ from torch import nn
 
 from epg.lightning.base import frozen_copy, param_groups
 from epg.lightning.evaluation import DenoiserEvaluation
+from epg.lightning.phema import PhemaOptions, PowerEMAs
 from epg.lightning.stage1 import Stage1Weights, stage1_network
 from epg.method.denoiser import Denoiser
 from epg.method.ema import ema_update_
@@ -39,7 +40,8 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
     calls it from ``configure_model`` (before sharding), and a checkpoint restored afterwards (a resume,
     ``ckpt_path``) replaces them. A module used without a Trainer calls :meth:`load_stage1` itself. Checkpoints hold
     the online network (``net.``), one EMA copy per rate (``ema_nets.<i>.``), the CM's frozen stage-1 network
-    (``aux_net.``), the update count and Lightning's state; the CM's stop-gradient target is a copy of ``net``. So a
+    (``aux_net.``), the post-hoc EMA copies (``phema.nets.<i>.``), the update count and Lightning's state; the CM's
+    stop-gradient target is a copy of ``net``. So a
     run resumes, and :meth:`load_from_checkpoint` loads, without the ``init_from`` file.
 
     Args:
@@ -58,6 +60,8 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
             Under EPGCLI ``total_steps`` is also the run's length (``trainer.max_steps`` defaults to it).
         grad_clip: global-norm clip applied once ``warmup_steps`` updates are done; 0 turns it off.
         ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
+        phema: post-hoc EMA (method.md §13): :class:`~epg.lightning.phema.PhemaOptions` (σ_rels, snapshot_every,
+            snapshot_dtype); power-function copies under ``phema.nets.<i>.``, snapshots in ``<run folder>/phema``.
         normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
             draw independently (method.md §4), and a resumed run continues with the draws it would have made.
@@ -93,6 +97,7 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
         lr_factors: tuple[float, ...] = (0.3, 0.08),
         grad_clip: float | None = None,
         ema_rates: tuple[float, ...] = (0.9999,),
+        phema: PhemaOptions | dict | None = None,
         normalization: Literal["imagenet", "simple"] = "imagenet",
         seed: int = 1234,
         paper_grad_scaler: bool = True,
@@ -130,6 +135,8 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
         self.grad_clip = loss.grad_clip if grad_clip is None else (grad_clip or None)
         self.sampling = SamplingOptions.of(sampling)  # a bad option fails here, not at the first grid
         self.hparams.sampling = self.sampling.as_dict()
+        phema = PhemaOptions.of(phema)  # a bad σ_rel fails here
+        self.hparams.phema = phema.as_dict() if phema is not None else None
         self.sample_sampler = self.sampling.resolved_sampler(loss.sampler)
 
         # The CM's frozen stage-1 network (§5.4; weights from load_stage1 or a checkpoint), then the online network.
@@ -138,6 +145,7 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
         self.net: EPGNetwork = build_network(preset, **(network or {}))
         # Sampling EMA copies start equal to the online weights (method.md §4); load_stage1 restarts them.
         self.ema_nets = nn.ModuleList([frozen_copy(self.net) for _ in ema_rates])
+        self.phema = PowerEMAs(self.net, phema) if phema is not None else None  # power-function copies (§13)
         # CM: stop-gradient target (EMA rate 0, train mode for dropout, §5.2).
         self.target_net = frozen_copy(self.net, train=True) if loss.needs_target else None
 
@@ -146,9 +154,13 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
         """The preconditioned D(x, σ′, y) around ``net`` (default: the online network) with this objective's output."""
         return Denoiser(self.net if net is None else net, self.loss.parameterization)
 
+    def net_copies(self) -> list[nn.Module]:
+        """The copies of ``net`` that :meth:`load_stage1` restarts: EMA, post-hoc EMA and the CM target."""
+        phema, target = self.phema.nets if self.phema is not None else (), self.target_net
+        return [*self.ema_nets, *phema, *([target] if target is not None else [])]
+
     def sharded_networks(self) -> list[nn.Module]:
-        nets = [self.net, *self.ema_nets]
-        return nets if self.target_net is None else [*nets, self.target_net]
+        return [self.net, *self.net_copies()]
 
     def compiled_networks(self) -> list[nn.Module]:
         return [self.net] if self.target_net is None else [self.net, self.target_net]
@@ -182,6 +194,8 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
             ema_update_(ema, self.net, rate)
         if self.target_net is not None:
             ema_update_(self.target_net, self.net, 0.0)
+        if self.phema is not None:  # t = applied updates; a due snapshot goes to <run folder>/phema
+            self.phema.after_update(self.net, self.updates, self._trainer)
 
     # ---- training ----------------------------------------------------------------------------------------------
     def noise_generator(self, device: torch.device, micro_batch: int = 0) -> torch.Generator:

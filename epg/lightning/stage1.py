@@ -52,7 +52,8 @@ class Stage1Weights(EPGModule):
 
     def load_stage1(self) -> None:
         """Copy the stage-1 online encoder of ``init_from`` into ``net.encoder`` and the whole stage-1 network into
-        the CM's ``aux_net``, then restart the EMA copies and the target from the online weights (method.md §2.3).
+        the CM's ``aux_net``, then restart the EMA, post-hoc EMA and target copies from the online weights
+        (method.md §2.3).
 
         The Trainer calls it from ``configure_model`` on a fresh run; call it to use the module without a Trainer.
         """
@@ -66,7 +67,7 @@ class Stage1Weights(EPGModule):
             raise encoder_mismatch(path, hp.preset, hp.network, err) from err
         if self.aux_net is not None:
             self.aux_net.load_state_dict(representation.state_dict())
-        for copy in [*self.ema_nets, *([self.target_net] if self.target_net is not None else [])]:
+        for copy in self.net_copies():  # EMA, post-hoc EMA (method.md §13) and CM target
             copy.load_state_dict(self.net.state_dict())
         self.weights_from = "init_from"
         rank_zero_info(
