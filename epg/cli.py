@@ -43,7 +43,7 @@ def _usage() -> str:
 def _run_lightning(command: str, rest: list[str]) -> int:
     """LightningCLI; a bad config value (exit status 2) or a NaN/inf loss (1) is one line on stderr, no traceback;
     a Ctrl-C exits with status 130 (the shell's 128 + SIGINT), also where Lightning's own handler would exit 1."""
-    from epg.lightning.cli import run_lightning_cli
+    from epg.commands.train import run_lightning_cli
     from epg.lightning.faults import ConfigError, NonFiniteLossError
 
     try:

@@ -147,9 +147,9 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 def swap_names(path: str | os.PathLike) -> tuple[Path, Path]:
     """The hidden siblings ``(<parent>/.<name>.tmp, <parent>/.<name>.old)`` of a folder ``path``.
 
-    Both start with a dot, so they never match the ``last*.ckpt`` or ``hpc_ckpt_N.ckpt`` searches of ``--ckpt_path
-    last``, nor Lightning's own ``*.ckpt`` listing. The ``.tmp`` name has no process id: every rank of a sharded
-    save writes into the same folder.
+    Both start with a dot, so Lightning's own ``*.ckpt`` listings never take them for a checkpoint, and ``--ckpt_path
+    last`` reads only ``last.ckpt`` (after :func:`recover_interrupted_swap`). The ``.tmp`` name has no process id:
+    every rank of a sharded save writes into the same folder.
     """
     path = Path(path)
     return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from epg.lightning.cli import run_lightning_cli
+from epg.commands.train import run_lightning_cli
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml"))

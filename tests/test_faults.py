@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from epg import cli
-from epg.lightning.cli import check_config, config_error, run_lightning_cli
+from epg.commands.config_checks import check_config, config_error
+from epg.commands.train import run_lightning_cli
 from epg.lightning.faults import (
     AtomicCheckpointIO,
     ConfigError,
@@ -197,7 +198,7 @@ def test_epg_cli_prints_one_line_errors(monkeypatch, capsys):
     def fail(args, run=True):
         raise NonFiniteLossError("non-finite loss at step 7 (σ' = 3.2; detected at step 8)")
 
-    monkeypatch.setattr("epg.lightning.cli.run_lightning_cli", fail)
+    monkeypatch.setattr("epg.commands.train.run_lightning_cli", fail)
     assert cli.main(["fit", "-c", "x.yaml"]) == 1
     assert capsys.readouterr().err == "epg fit: non-finite loss at step 7 (σ' = 3.2; detected at step 8)\n"
 

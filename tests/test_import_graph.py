@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "epg"
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")  # top-level distributions of Lightning
 LOWER_FLOORS = ("epg.nn", "epg.method", "epg.sampling")  # no Lightning, no epg.lightning, no epg.eval
-COMMANDS = "epg.commands"  # the argparse front ends: only they (and the dispatcher, by name) reach them
+COMMANDS = "epg.commands"  # the command front ends: only they and the dispatcher reach them
+DISPATCHER = "epg.cli"  # `epg <command>`: runs the tools by name, the LightningCLI front end by import
 
 
 @dataclass(frozen=True)
@@ -283,15 +284,28 @@ def test_lower_floors_import_neither_lightning_nor_the_upper_floors(prefix):
 
 
 def test_the_library_never_imports_the_commands():
-    """Only epg.commands imports epg.commands (epg.cli runs them by name); the library takes typed arguments."""
-    assert {"epg.commands.sample", "epg.commands.fid", "epg.commands.demo"} <= set(GRAPH)
+    """Only epg.commands and the dispatcher epg.cli (which runs the tools by name and calls the LightningCLI front
+    end) import epg.commands; the library takes typed arguments."""
+    assert {"epg.commands.sample", "epg.commands.fid", "epg.commands.demo", "epg.commands.train"} <= set(GRAPH)
     assert "epg.sampling.run" in EDGES["epg.commands.sample"]  # the parser sees the commands' imports
+    assert "epg.commands.train" in EDGES["epg.cli"]
     bad = [
         f"{imp.where()}: {name} imports {imp.target}"
         for name, found in GRAPH.items()
-        if not (name == COMMANDS or name.startswith(COMMANDS + "."))
+        if not (name in (COMMANDS, DISPATCHER) or name.startswith(COMMANDS + "."))
         for imp in found
         if imp.target == COMMANDS or imp.target.startswith(COMMANDS + ".")
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_lightning_cli_is_a_command_front_end():
+    """Lightning's CLI module (the front end of `epg fit|validate|predict`) is imported under epg.commands only."""
+    assert "lightning.pytorch.cli" in (PACKAGE / "commands" / "train.py").read_text(encoding="utf-8")
+    bad = [
+        f"{module_file(name)}: {name} imports Lightning's CLI"
+        for name, path in all_modules().items()
+        if not name.startswith(COMMANDS + ".") and "lightning.pytorch.cli" in path.read_text(encoding="utf-8")
     ]
     assert not bad, "\n".join(bad)
 

@@ -1,11 +1,11 @@
-"""k-NN accuracy of the encoder-quality check (epg.lightning.knn)."""
+"""k-NN accuracy of the encoder-quality check (epg.eval.knn)."""
 
 import math
 
 import pytest
 import torch
 
-from epg.lightning.knn import bank_shards, gather_rows, knn_accuracy
+from epg.eval.knn import bank_shards, gather_rows, knn_accuracy
 
 
 def test_weighted_vote_by_hand():

@@ -39,14 +39,14 @@ def stage1_knn(ckpt: Path, data_dir: Path, cfg: dict, demo: DemoSettings) -> dic
     """k-NN accuracy (val digits against a bank of train digits) of the stage-1 encoder and a random-init one.
 
     The random-init encoder is the config's preset built after seeding with its ``seed_everything`` (the weights
-    stage 1 starts from); both use the k-NN settings of the stage-1 run (``val/knn_acc``, :mod:`epg.lightning.knn`).
+    stage 1 starts from); both use the k-NN settings of the stage-1 run (``val/knn_acc``, :mod:`epg.eval.knn`).
     The result is kept in ``knn.json`` beside the checkpoints folder for a rerun on the same checkpoint step.
     """
     import torch
 
     from epg.checkpoint import load_stage1_representation
+    from epg.eval.knn import eval_loader, knn_accuracies
     from epg.io import write_json
-    from epg.lightning.knn import eval_loader, knn_accuracies
     from epg.nn.network import build_representation
 
     step, hp = checkpoint_state(ckpt)

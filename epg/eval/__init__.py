@@ -14,6 +14,7 @@ Modules, each importing only from those above it:
 - :mod:`epg.eval.reference_fid` — torchmetrics' FID against reference statistics, summed over DDP ranks.
 - :mod:`epg.eval.sweep` — in-memory sampling split over ranks, sweep rows and results, `Sweep` (`epg fid sweep`).
 - :mod:`epg.eval.callback` — `InLoopFID`, the in-loop FID callback.
+- :mod:`epg.eval.knn` — the k-NN accuracy of stage-1 CLS features (`knn_accuracy`, `eval_loader`, `bank_shards`).
 
 The command lines `epg fid weights | ref | calc | sweep | gen` are :mod:`epg.commands.fid` and
 :mod:`epg.commands.fid_sweep`.

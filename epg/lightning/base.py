@@ -277,7 +277,7 @@ class EPGModule(L.LightningModule):
         self.clipped_updates += 1
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = self._grad_scaler()
         before = scaler.get_scale() if scaler is not None else None
         self._grads_unscaled = False
         optimizer.step(closure=optimizer_closure)

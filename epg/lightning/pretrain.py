@@ -16,19 +16,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torchvision.utils import make_grid
 
+from epg.eval.knn import bank_accuracy, cls_features, encoder_features, eval_loader, gather_queries
 from epg.lightning.base import EPGModule, param_groups, write_stage1_file
-from epg.lightning.knn import (
-    bank_accuracy,
-    cls_features,
-    encoder_features,
-    gather_queries,
-    log_view_grid,
-    training_bank_loader,
-)
 from epg.method.ema import ema_update_
 from epg.method.lr import warmup_cosine
 from epg.method.noise import resolution_shift
+from epg.method.normalization import denormalize
 from epg.method.objectives import RCMLoss, build_loss, seeded_generator
 from epg.nn.network import EPGRepresentation, build_representation
 from epg.nn.presets import NetworkOptions, network_overrides
@@ -51,7 +46,7 @@ class PretrainModule(EPGModule):
             EPGCLI, the run's length (``trainer.max_steps`` defaults to it).
         target_momentum: EMA momentum of the target network, constant (method.md §3.5).
         target_bn_train_mode: run the target in train mode (MoCo-v3 batch statistics) instead of eval (method.md §10.2).
-        knn_k, knn_temperature, knn_bank_size: the k-NN check of ``validate`` (:mod:`epg.lightning.knn`): the val
+        knn_k, knn_temperature, knn_bank_size: the k-NN check of ``validate`` (:mod:`epg.eval.knn`): the val
             images are the queries, the memory bank holds about ``knn_bank_size`` training images (a fixed subset of
             whole shards, seeded by ``seed``; None: the whole train split, the DINO protocol).
         normalization: pixel normalization of the data (stored for reference; method.md §1.1).
@@ -133,8 +128,19 @@ class PretrainModule(EPGModule):
         loss = super().training_step(batch, batch_idx)
         self.batches_seen += 1
         if self.global_step == 0 and batch_idx == 0:  # once per run: the first crops x0 and their two views
-            log_view_grid(self, batch[0], batch[1], batch[2], 8)
+            self.log_view_grid(batch[0], batch[1], batch[2])
         return loss
+
+    def log_view_grid(self, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
+        """An image grid of the first ``count`` crops x0 and their two augmented views, for loggers that take images
+        (TensorBoard: ``train/views``), on rank 0. Rows: x0 (the consistency branch's clean crop), view 1, view 2
+        (the contrastive branch's inputs before noise, method.md §3.4, §7)."""
+        experiment = getattr(self.logger, "experiment", None) if self.trainer.is_global_zero else None
+        if not hasattr(experiment, "add_image"):
+            return
+        rows = [denormalize(x[:count].detach().float(), self.hparams.normalization) for x in (x0, v1, v2)]
+        grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=min(count, x0.shape[0]), padding=1)
+        experiment.add_image("train/views", grid, self.trainer.global_step)
 
     # ---- hooks ----
     def configure_optimizers(self) -> dict:
@@ -177,7 +183,20 @@ class PretrainModule(EPGModule):
 
         None without a datamodule that has ``train_shards`` (then no ``val/knn_acc``); override to use another bank.
         """
-        return training_bank_loader(self.trainer, self.hparams.knn_bank_size, self.hparams.seed, self.global_rank)
+        data = self.trainer.datamodule
+        if getattr(data, "train_shards", None) is None:
+            return None
+        return eval_loader(
+            data.train_shards,
+            image_size=data.image_size,
+            normalization=data.normalization,
+            batch_size=data.val_batch_size or data.per_device_batch_size,
+            subset=self.hparams.knn_bank_size,
+            seed=self.hparams.seed,
+            num_workers=data.num_workers,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+        )
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/knn_acc``: the val images of all ranks as queries against the bank of training images."""

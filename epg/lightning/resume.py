@@ -97,7 +97,7 @@ def resolve_checkpoint(ckpt_path: str | None, trainer: Namespace, subcommand: st
 
 def checkpoint_specs(trainer: Namespace) -> list[Namespace]:
     """The ModelCheckpoint ``class_path`` specs of ``trainer.callbacks``."""
-    specs = [s for s in _as_list(trainer.get("callbacks")) if isinstance(s, Namespace) and s.get("class_path")]
+    specs = [s for s in as_list(trainer.get("callbacks")) if isinstance(s, Namespace) and s.get("class_path")]
     return [s for s in specs if issubclass(_class(str(s.class_path)), ModelCheckpoint)]
 
 
@@ -262,7 +262,8 @@ class AcceptedChanges(Callback):
                 experiment.add_text("epg/accepted_changes", self.text, trainer.global_step)
 
 
-def _as_list(value: Any) -> list:
+def as_list(value: Any) -> list:
+    """None as [], a list or tuple as a list, anything else as a one-item list."""
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]

@@ -1,29 +1,36 @@
 """The checks and model-given defaults of an `epg` config; its mistakes end as one-line errors (:class:`ConfigError`
 naming the option): keys that moved or follow another, GPUs the machine lacks, data that disagrees with the model
-network, missing shards or stage-1 files, and the errors of the classes built from the config."""
+network, missing shards or stage-1 files, and the errors of the classes built from the config. Also the run-folder
+paths, the network the data defaults need before the model is built, and the Lightning notes `epg` silences."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from epg.checkpoint import stage1_config
 from epg.data.shards import expand_shards, is_remote
+from epg.lightning import resume
 from epg.lightning.faults import ConfigError
-from epg.lightning.resume import network_dict
+from epg.lightning.resume import checkpoint_specs, network_dict
 from epg.method.objectives import MOVED_KEYS
 from epg.nn.official import CheckpointMismatchError
-from epg.nn.presets import get_config
+from epg.nn.presets import NetworkOptions, get_config, with_stage1_encoder
 
 LINK = ("data.normalization", "model.init_args.normalization")  # the model's follows the data's
 FROM_MODEL = ("image_size", "num_classes")  # data options that default to the model network's
+_NETWORK_FIELDS = [f.name for f in dataclasses.fields(NetworkOptions)]
 
 
 def refuse_given(args: Any) -> None:
@@ -60,6 +67,36 @@ def check_devices(trainer: Namespace) -> None:
             if available == 0
             else f"{accelerator} with {devices} device(s), but this machine has {available}; set trainer.devices",
         )
+
+
+def derive_run_paths(trainer: Namespace, model_args: Namespace) -> None:
+    """Paths in the run folder ``trainer.default_root_dir``: each ModelCheckpoint's ``dirpath`` and a relative
+    stage-1 ``export_path``."""
+    root = trainer.get("default_root_dir")
+    if not root:
+        return
+    for spec in checkpoint_specs(trainer):
+        if spec.init_args.get("dirpath") is None:
+            spec.init_args.dirpath = os.path.join(root, "checkpoints")
+    export = model_args.get("export_path")
+    if export and not is_remote(str(export)) and not os.path.isabs(export):
+        model_args.export_path = os.path.join(root, export)
+
+
+def config_network(model_args: Namespace, explicit: Mapping, saved: Mapping) -> dict:
+    """The model network, written into ``model_args.network``: a resume's is the checkpoint's (hyper-parameters
+    ``saved``; ``init_from`` is not read); a fine-tuning run's takes the encoder of its stage-1 file, which the data
+    defaults (:func:`fill_from_model`) and checks (:func:`check_config`) need before the model is built."""
+    network = dict(explicit)
+    if "preset" in saved:
+        network = resume.resumed_network(saved, explicit)
+    elif model_args.get("init_from") and os.path.exists(str(model_args.init_from)):
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # check_config names a bad preset or file
+            stage1 = stage1_config(model_args.init_from, model_args.get("init_preset") or model_args.get("preset"))
+            network = network if stage1 is None else with_stage1_encoder(model_args.preset, network, stage1)
+    if "network" in model_args:
+        model_args.network = Namespace(**{f: network.get(f) for f in _NETWORK_FIELDS}) if network else None
+    return network
 
 
 def fill_from_model(data: Namespace, model_args: Namespace, network: Mapping) -> None:
@@ -186,3 +223,38 @@ def _dotted(tree: Any, prefix: str = "") -> list[str]:
     if not isinstance(tree, Mapping):
         return []
     return [k for key, value in tree.items() for k in (f"{prefix}{key}", *_dotted(value, f"{prefix}{key}."))]
+
+
+# ---- quiet where Lightning's notes are expected ----------------------------------------------------------------------
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's litlogger/litmodels tips and the model summary's "0 Total Flops" line (epg counts the FLOPs
+    analytically: epg.lightning.callbacks.Throughput)."""
+
+    FLOPS = re.compile(r"\n0\s+Total Flops")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("💡 Tip"):
+            return False
+        if self.FLOPS.search(message):
+            record.msg, record.args = self.FLOPS.sub("", message), ()
+        return True
+
+
+def quiet_lightning_logs() -> None:
+    """Install :class:`_QuietLightning` on the Lightning loggers that print those lines (once per process)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.callbacks.model_summary"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLightning) for f in logger.filters):
+            logger.addFilter(_QuietLightning())
+
+
+def eval_modules_are_frozen_copies(model: L.LightningModule) -> bool:
+    """True when every module that stays in eval mode in training mode lies in a frozen top-level child (the EMA,
+    target and stage-1 copies of the EPG modules), so Lightning's "module(s) in eval mode" note says nothing new."""
+    was_training = model.training
+    model.train()
+    frozen = [f"{n}." for n, child in model.named_children() if not any(p.requires_grad for p in child.parameters())]
+    expected = all(f"{name}.".startswith(tuple(frozen)) for name, m in model.named_modules() if name and not m.training)
+    model.train(was_training)
+    return expected

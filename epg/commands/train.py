@@ -1,12 +1,9 @@
-"""LightningCLI entry point of `epg fit|validate|predict -c CONFIG.yaml`: the run folder, resume and one-line errors."""
+"""The front end of `epg fit|validate|predict -c CONFIG.yaml`: LightningCLI with the run folder, resume and one-line
+errors of ``epg`` (its config checks and defaults: :mod:`epg.commands.config_checks`)."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import logging
 import os
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,30 +16,32 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from epg.checkpoint import read_checkpoint_meta, stage1_config
-from epg.data.datamodule import EPGDataModule
-from epg.data.shards import is_remote
-from epg.lightning import resume
-from epg.lightning.base import EPGModule
-from epg.lightning.config_checks import (
+from epg.checkpoint import read_checkpoint_meta
+from epg.commands.config_checks import (
     FROM_MODEL,
     LINK,
     check_config,
     check_devices,
     config_error,
+    config_network,
     default_max_steps,
+    derive_run_paths,
+    eval_modules_are_frozen_copies,
     fill_from_model,
+    quiet_lightning_logs,
     refuse_given,
 )
+from epg.data.datamodule import EPGDataModule
+from epg.data.shards import is_remote
+from epg.lightning import resume
+from epg.lightning.base import EPGModule
 from epg.lightning.faults import AtomicCheckpointIO, ConfigError, LoggerVersions, SigtermCheckpoint
 from epg.lightning.finetune import FinetuneModule  # noqa: F401  (--model FinetuneModule)
 from epg.lightning.predict import SampleWriter
 from epg.lightning.pretrain import PretrainModule  # noqa: F401  (--model PretrainModule)
-from epg.lightning.resume import ACCEPT, checkpoint_specs, network_dict, resolve_checkpoint
-from epg.nn.presets import NetworkOptions, with_stage1_encoder
+from epg.lightning.resume import ACCEPT, as_list, network_dict, resolve_checkpoint
 
 BUILD_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, MisconfigurationException)
-_NETWORK_FIELDS = [f.name for f in dataclasses.fields(NetworkOptions)]
 _Batches = int | float | None  # an int is batches, a float a fraction (Lightning types these float-first)
 
 
@@ -142,16 +141,8 @@ class EPGCLI(LightningCLI):
             cfg.ckpt_path = path = resolve_checkpoint(cfg.get("ckpt_path"), trainer, subcommand)
             if path and (is_remote(str(path)) or os.path.exists(path)):  # not a name that Lightning resolves
                 self.checkpoint, meta = str(path), {} if is_remote(str(path)) else read_checkpoint_meta(path)
-        explicit = network = network_dict(args.get("network"))
-        saved = dict(meta.get("hyper_parameters") or {})
-        if "preset" in saved:
-            network = resume.resumed_network(saved, explicit)
-        elif args.get("init_from") and os.path.exists(str(args.init_from)):
-            with contextlib.suppress(ValueError, TypeError, KeyError):  # check_config names a bad preset or file
-                stage1 = stage1_config(args.init_from, args.get("init_preset") or args.get("preset"))
-                network = network if stage1 is None else with_stage1_encoder(args.preset, network, stage1)
-        if "network" in args:
-            args.network = Namespace(**{f: network.get(f) for f in _NETWORK_FIELDS}) if network else None
+        explicit, saved = network_dict(args.get("network")), dict(meta.get("hyper_parameters") or {})
+        network = config_network(args, explicit, saved)
         if data is not None:
             fill_from_model(data, args, network)
         plain_args, plain_data = args.as_dict(), data.as_dict() if data is not None else {}
@@ -181,16 +172,16 @@ class EPGCLI(LightningCLI):
         """The configured Trainer plus SigtermCheckpoint, LoggerVersions and AtomicCheckpointIO where it has none."""
         init = self.config_init
         config = (init[init.subcommand] if init.get("subcommand") else init).get("trainer") or {}
-        callbacks = _as_list(config.get("callbacks"))
+        callbacks = as_list(config.get("callbacks"))
         callbacks += [kind() for kind in (SigtermCheckpoint, LoggerVersions) if not _has(callbacks, kind)]
         kwargs["callbacks"] = [*callbacks, _DataReady()]
-        plugins = _as_list(config.get("plugins"))
+        plugins = as_list(config.get("plugins"))
         if getattr(config.get("strategy"), "_checkpoint_io", None) is None and not _has(plugins, CheckpointIO):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        if _eval_modules_are_frozen_copies(self.model):  # EMA / target / stage-1 copies stay in eval mode by design
+        if eval_modules_are_frozen_copies(self.model):  # EMA / target / stage-1 copies stay in eval mode by design
             warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
         if self.checkpoint:  # resuming: the checkpoint folder holds this run's checkpoints
             warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
@@ -258,62 +249,5 @@ def run_lightning_cli(args: list[str], run: bool = True) -> EPGCLI:
         )
 
 
-# ---- the run folder and the checkpoint -------------------------------------------------------------------------------
-def derive_run_paths(trainer: Namespace, model_args: Namespace) -> None:
-    """Paths in the run folder ``trainer.default_root_dir``: each ModelCheckpoint's ``dirpath`` and a relative
-    stage-1 ``export_path``."""
-    root = trainer.get("default_root_dir")
-    if not root:
-        return
-    for spec in checkpoint_specs(trainer):
-        if spec.init_args.get("dirpath") is None:
-            spec.init_args.dirpath = os.path.join(root, "checkpoints")
-    export = model_args.get("export_path")
-    if export and not is_remote(str(export)) and not os.path.isabs(export):
-        model_args.export_path = os.path.join(root, export)
-
-
-# ---- quiet where Lightning's notes are expected ----------------------------------------------------------------------
-class _QuietLightning(logging.Filter):
-    """Drops Lightning's litlogger/litmodels tips and the model summary's "0 Total Flops" line (epg counts the FLOPs
-    analytically: epg.lightning.callbacks.Throughput)."""
-
-    FLOPS = re.compile(r"\n0\s+Total Flops")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith("💡 Tip"):
-            return False
-        if self.FLOPS.search(message):
-            record.msg, record.args = self.FLOPS.sub("", message), ()
-        return True
-
-
-def quiet_lightning_logs() -> None:
-    """Install :class:`_QuietLightning` on the Lightning loggers that print those lines (once per process)."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.callbacks.model_summary"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _QuietLightning) for f in logger.filters):
-            logger.addFilter(_QuietLightning())
-
-
-def _eval_modules_are_frozen_copies(model: L.LightningModule) -> bool:
-    """True when every module that stays in eval mode in training mode lies in a frozen top-level child (the EMA,
-    target and stage-1 copies of the EPG modules), so Lightning's "module(s) in eval mode" note says nothing new."""
-    was_training = model.training
-    model.train()
-    frozen = [f"{n}." for n, child in model.named_children() if not any(p.requires_grad for p in child.parameters())]
-    expected = all(f"{name}.".startswith(tuple(frozen)) for name, m in model.named_modules() if name and not m.training)
-    model.train(was_training)
-    return expected
-
-
-# ---- small helpers ---------------------------------------------------------------------------------------------------
 def _has(items: list, kind: type) -> bool:
     return any(isinstance(item, kind) for item in items)
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]

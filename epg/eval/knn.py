@@ -1,4 +1,4 @@
-"""k-NN accuracy of stage-1 CLS features, the encoder check of `validate`.
+"""k-NN accuracy of stage-1 CLS features, the encoder check of `validate` (PretrainModule) and of the demo.
 
 The protocol of the SSL literature (DINO, after InstDisc): the memory bank holds features of *training* images, the
 queries are the validation images, and the k nearest bank entries by cosine similarity vote with weight exp(sim/T)
@@ -175,26 +175,7 @@ def knn_accuracies(
     return results
 
 
-# ---- PretrainModule's validation (method.md §3.9 check) -------------------------------------------------------------
-def training_bank_loader(trainer, bank_size: int | None, seed: int, rank: int) -> Iterable | None:
-    """This rank's ``(x, y)`` batches of the k-NN memory bank: a ``seed``-ed subset of about ``bank_size`` images of
-    the trainer's datamodule's training shards (None: all); None without a datamodule that has ``train_shards``."""
-    data = trainer.datamodule
-    if getattr(data, "train_shards", None) is None:
-        return None
-    return eval_loader(
-        data.train_shards,
-        image_size=data.image_size,
-        normalization=data.normalization,
-        batch_size=data.val_batch_size or data.per_device_batch_size,
-        subset=bank_size,
-        seed=seed,
-        num_workers=data.num_workers,
-        rank=rank,
-        world_size=trainer.world_size,
-    )
-
-
+# ---- the distributed check of PretrainModule's validation (method.md §3.9) -------------------------------------
 def gather_queries(
     feats: list[torch.Tensor], labels: list[torch.Tensor], dim: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,21 +196,3 @@ def bank_accuracy(
     """k-NN accuracy of the gathered ``queries`` against this rank's bank features gathered from every rank."""
     bank_feats, bank_labels = gather_rows(bank_feats), gather_rows(bank_labels)
     return knn_accuracy(bank_feats, bank_labels, queries, labels, k=k, temperature=temperature)
-
-
-def log_view_grid(module, x0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, count: int = 8) -> None:
-    """An image grid of the first ``count`` crops x0 and their two augmented views, for loggers that take images
-    (TensorBoard: ``train/views``), on rank 0. Rows: x0 (the consistency branch's clean crop), view 1, view 2 (the
-    contrastive branch's inputs before noise, method.md §3.4, §7)."""
-    if not module.trainer.is_global_zero or module.logger is None:
-        return
-    experiment = getattr(module.logger, "experiment", None)
-    if not hasattr(experiment, "add_image"):
-        return
-    from torchvision.utils import make_grid
-
-    from epg.method.normalization import denormalize
-
-    rows = [denormalize(x[:count].detach().float(), module.hparams.normalization) for x in (x0, v1, v2)]
-    grid = make_grid(torch.cat(rows).clamp(0, 1).cpu(), nrow=min(count, x0.shape[0]), padding=1)
-    experiment.add_image("train/views", grid, module.trainer.global_step)
