@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from epg.eval.errors import EvalInputError
+from epg.eval.plots import line_plot
 from epg.posthoc import reconstruct_run, reconstruction_name, snapshot_headers
 
 
@@ -65,23 +66,9 @@ def plot_sigma_rel(rows: list[dict], path: str | os.PathLike, title: str = "") -
     rows = [r for r in rows if r.get("sigma_rel") is not None]
     if not rows:
         return False
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.add_subplot()
-    for scale in sorted({r["scale"] for r in rows}):
-        line = sorted((r["sigma_rel"], r["fid"]) for r in rows if r["scale"] == scale)
-        ax.plot([s for s, _ in line], [f for _, f in line], marker="o", label=f"CFG {scale:g}")
-    ax.set_xlabel("post-hoc EMA σ_rel")
-    ax.set_ylabel(f"FID ({rows[0]['num']} samples)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
+    scales = sorted({r["scale"] for r in rows})
+    series = {f"CFG {w:g}": [(r["sigma_rel"], r["fid"]) for r in rows if r["scale"] == w] for w in scales}
+    return line_plot(path, series, "post-hoc EMA σ_rel", f"FID ({rows[0]['num']} samples)", title)
 
 
 def phema_checkpoints(

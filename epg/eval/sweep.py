@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from epg.eval.errors import EvalInputError
 from epg.eval.inception import InceptionFeatures, extract_features, pool_features
 from epg.eval.metrics import fid_to_reference, score
 from epg.eval.phema import plot_sigma_rel
+from epg.eval.plots import line_plot
 from epg.eval.reference import ReferenceStats, open_reference
 from epg.eval.tables import format_comparison, format_results, format_sweep
 from epg.io import write_json
@@ -169,26 +169,13 @@ def row_tag(row: dict) -> str:
 
 def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> bool:
     """FID against CFG scale, one line per EMA copy, best point marked, as a PNG; False without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("epg fid sweep: matplotlib is not installed, so no plot (pip install matplotlib)", file=sys.stderr)
-        return False
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.add_subplot()
-    for weights in dict.fromkeys(r["weights"] for r in rows):
-        line = sorted((r["scale"], r["fid"]) for r in rows if r["weights"] == weights)
-        ax.plot([s for s, _ in line], [f for _, f in line], marker="o", label=weights)
+    series = {
+        w: [(r["scale"], r["fid"]) for r in rows if r["weights"] == w]
+        for w in dict.fromkeys(r["weights"] for r in rows)
+    }
     best = best_row(rows)
-    ax.scatter([best["scale"]], [best["fid"]], s=160, facecolors="none", edgecolors="black", zorder=3, label="best")
-    ax.set_xlabel("CFG scale w")
-    ax.set_ylabel(f"FID ({rows[0]['num']} samples)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
+    ylabel = f"FID ({rows[0]['num']} samples)"
+    return line_plot(path, series, "CFG scale w", ylabel, title, ring=(best["scale"], best["fid"], "best"))
 
 
 # --- the sweep ---------------------------------------------------------------------------------------------------
