@@ -15,6 +15,11 @@ from epg.demo.stages import checkpoint_every, run_length, schedule_args
 CONFIGS = default_config_dir()
 
 
+def test_bad_sigma_rel_is_one_line(capsys) -> None:
+    assert main(["--sigma-rel", "0.5", "--out", "unused"]) == 1
+    assert "each σ_rel must lie in (0, 0.3)" in capsys.readouterr().err
+
+
 def test_checkpoint_every_divides_the_run() -> None:
     assert checkpoint_every(2000, 500) == 500
     assert checkpoint_every(1300, 500) == 325
@@ -90,22 +95,21 @@ def test_demo_cpu_tiny(tmp_path: Path) -> None:
     """The CPU demo end to end with 2 steps per stage, 8 FID samples and 8 reference digits (~40 s)."""
     out = tmp_path / "demo"
     tiny = ["--pretrain-steps", "2", "--finetune-steps", "2", "--fid-samples", "10", "--fid-ref", "8", "--threads", "2"]
-    assert main(["--out", str(out), *tiny]) == 0
+    assert main(["--out", str(out), *tiny, "--sigma-rel", "0.05,0.1"]) == 0
     summary = _check_outputs(out, "diffusion", "finetune_dm")
     assert summary["fid_samples"] == 10 and summary["fid_reference"] == 8
     # Post-hoc EMA (method.md §13): the 2-step stage 2 snapshots every step; each σ_rel is reconstructed and scored.
-    from epg.demo.phema import PHEMA_SIGMA_RELS
-
     phema = summary["phema"]
-    assert [row["sigma_rel"] for row in phema["rows"]] == list(PHEMA_SIGMA_RELS)
+    assert [row["sigma_rel"] for row in phema["rows"]] == [0.05, 0.1]
     assert all(row["fid"] >= 0.0 and 0.0 <= row["class_accuracy"] <= 1.0 for row in phema["rows"])
     assert Path(phema["plot"]).is_file() and sorted(p.name for p in (out / "finetune_dm" / "phema").glob("*.pt")) == [
         "phema-000000001.pt",
         "phema-000000002.pt",
     ]
-    # A second run skips both completed stages.
-    assert main(["--out", str(out), *tiny]) == 0
+    # A second run skips both completed stages (and, with --sigma-rel none, the post-hoc EMA scores).
+    assert main(["--out", str(out), *tiny, "--sigma-rel", "none"]) == 0
     again = json.loads((out / "summary.json").read_text())
+    assert "phema" not in again
     assert again["timings_s"]["stage 1: pre-training"] < summary["timings_s"]["stage 1: pre-training"]
     assert again["stage1_knn"] == summary["stage1_knn"]  # kept in pretrain/knn.json for the same checkpoint
 
@@ -117,6 +121,6 @@ def test_demo_gpu_configs_run_one_step_on_cpu(tmp_path: Path, objective: str, st
     out = tmp_path / "gpu"
     args = ["--device", "gpu", "--accelerator", "cpu", "--objective", objective, "--out", str(out), "--threads", "2"]
     args += ["--pretrain-steps", "1", "--finetune-steps", "1", "--batch-size", "8", "--num-workers", "0"]
-    args += ["--fid-samples", "4", "--fid-ref", "4"]
+    args += ["--fid-samples", "4", "--fid-ref", "4", "--sigma-rel", "none"]
     assert main(args) == 0
     _check_outputs(out, objective, stage2)

@@ -32,7 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="override the configs' global batch size")
     p.add_argument("--num-workers", type=int, help="override the configs' data-loader workers")
     p.add_argument("--accelerator", help="override the configs' accelerator (e.g. cpu to try the gpu configs)")
+    p.add_argument(
+        "--sigma-rel",
+        dest="sigma_rels",
+        type=_sigma_rels,
+        default=DemoSettings.sigma_rels,
+        help="post-hoc EMA σ_rel values to reconstruct and score when stage 2 kept snapshots, comma-separated, or "
+        "'none' (default 0.03,0.06,0.1; method.md §13)",
+    )
     return p
+
+
+def _sigma_rels(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers or 'none', got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

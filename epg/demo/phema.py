@@ -14,7 +14,6 @@ from epg.demo.settings import DemoSettings, log
 
 # The reconstructions scored, with fewer samples each (FID of 100 samples is biased upwards: compare these rows with
 # each other, not with the main FID).
-PHEMA_SIGMA_RELS = (0.03, 0.06, 0.10)
 PHEMA_SAMPLES = 100
 RECONSTRUCTED_FOLDER = "phema_reconstructed"  # under the stage-2 run folder, beside checkpoints/
 
@@ -25,7 +24,7 @@ def has_snapshots(run: Path) -> bool:
 
 
 def evaluate_phema(run: Path, ckpt: Path, data_dir: Path, demo: DemoSettings, cfg: dict, start: float) -> dict:
-    """FID and class accuracy of each σ_rel of :data:`PHEMA_SIGMA_RELS` reconstructed from the snapshots of ``run``
+    """FID and class accuracy of each σ_rel of ``demo.sigma_rels`` reconstructed from the snapshots of ``run``
     into copies of ``ckpt`` (in ``run/phema_reconstructed``, where :func:`evaluate` finds the run's cached val
     statistics), each evaluated into ``demo.out/phema/<name>``; the rows and a plot ``demo.out/phema_<objective>.png``.
     The digit classifier and FID reference of the main evaluation are copied in, not trained or computed again."""
@@ -45,7 +44,7 @@ def evaluate_phema(run: Path, ckpt: Path, data_dir: Path, demo: DemoSettings, cf
         result = evaluate(path, data_dir, dataclasses.replace(few, out=folder), cfg, start)
         return {key: result[key] for key in ("fid", "class_accuracy", "fid_samples", "grid")}
 
-    rows = score_sigma_rels(run, PHEMA_SIGMA_RELS, score, checkpoint=ckpt, out=run / RECONSTRUCTED_FOLDER)
+    rows = score_sigma_rels(run, demo.sigma_rels, score, checkpoint=ckpt, out=run / RECONSTRUCTED_FOLDER)
     plot = demo.out / f"phema_{demo.objective}.png"
     title = f"epg demo ({demo.objective}): post-hoc EMA, {few.fid_samples} samples per σ_rel"
     plot_sigma_rels(rows, plot, keys=("fid", "class_accuracy"), title=title)

@@ -94,7 +94,7 @@ def run_demo(settings: DemoSettings) -> dict:
     ckpt = ft_dir / "checkpoints" / "last.ckpt"
     summary["settings"] = {"pretrain": pre["model"]["init_args"], "finetune": ft["model"]["init_args"]}
     summary.update(step("evaluation", lambda: evaluate(ckpt, data_dir, settings, ft, start)))
-    if has_snapshots(ft_dir):  # stage 2 kept post-hoc EMA profiles (method.md §13)
+    if settings.sigma_rels and has_snapshots(ft_dir):  # stage 2 kept post-hoc EMA profiles (method.md §13)
         phema = lambda: evaluate_phema(ft_dir, ckpt, data_dir, settings, ft, start)  # noqa: E731
         summary["phema"] = step("post-hoc EMA", phema)
     summary["timings_s"] = timings

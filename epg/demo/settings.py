@@ -57,6 +57,8 @@ class DemoSettings:
         fid_ref: val digits in the FID reference (at most 500, all by default).
         threads: torch threads of each step (default: all cores, at most 8 on cpu, 16 on gpu).
         batch_size, num_workers, accelerator: overrides of the configs' data loading and accelerator.
+        sigma_rels: the post-hoc EMA σ_rel profiles reconstructed and scored when stage 2 kept snapshots
+            (method.md §13); empty: none.
     """
 
     objective: str = "diffusion"
@@ -72,6 +74,7 @@ class DemoSettings:
     batch_size: int | None = None
     num_workers: int | None = None
     accelerator: str | None = None
+    sigma_rels: tuple[float, ...] = (0.03, 0.06, 0.10)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES or self.device not in DEVICES:
@@ -84,6 +87,8 @@ class DemoSettings:
         self.fid_ref = min(self.fid_ref or defaults["fid_ref"], VAL_DIGITS)
         if self.fid_samples < 2 or self.fid_ref < 2:
             raise DemoError("--fid-samples and --fid-ref must be at least 2 (a covariance needs 2 images)")
+        if any(not 0.0 < s < 0.3 for s in self.sigma_rels):  # σ_rel ≤ 0.3003 (γ ≥ 0), method.md §13
+            raise DemoError(f"--sigma-rel {self.sigma_rels}: each σ_rel must lie in (0, 0.3)")
         cores = os.cpu_count() or 1
         self.threads = self.threads or (min(cores, 8) if self.device == "cpu" else min(cores, 16))
 
