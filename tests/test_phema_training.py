@@ -41,6 +41,8 @@ def test_options_are_checked():
         PhemaOptions(sigma_rels=(0.5,))
     with pytest.raises(ValueError, match="snapshot_dtype"):
         PhemaOptions(snapshot_dtype="int8")
+    with pytest.raises(ValueError, match="snapshot_unit"):
+        PhemaOptions(snapshot_unit="kimg")
     assert PhemaOptions.of({"sigma_rels": [0.05]}).as_dict()["sigma_rels"] == [0.05]
 
 
@@ -60,6 +62,23 @@ def test_copies_follow_the_discrete_profile_without_a_trainer(stage1):
         expected = sum(wi * th for wi, th in zip(w, seen, strict=True))
         torch.testing.assert_close(copy.decoder.out.weight.double(), expected, rtol=1e-5, atol=1e-6)
     assert not m.phema.nets[0].training and m.train().phema.nets[0].training is False
+
+
+def test_snapshot_interval_in_images(tmp_path, stage1):
+    """snapshot_unit images (EDM2's snapshot_nimg): a snapshot follows the update that reaches or crosses each
+    multiple. Every 8 images at 3 per update: images 3, 6, 9 | 12, 15, 18 | 21, 24 → updates 3, 6 and 8. Through a
+    Trainer at batch 4 × 2 accumulated micro-batches (8 images per update), every 12 images: 8, 16 | 24 | 32, 40 | 48
+    → updates 2, 3, 5 and 6, each snapshot recording its image count."""
+    options = PhemaOptions(snapshot_every=8, snapshot_unit="images")
+    phema = module(stage1, phema=options).phema
+    assert [t for t in range(1, 9) if phema.due(t, batch=3)] == [3, 6, 8]
+    with pytest.raises(ValueError, match="global batch"):
+        phema.due(1)
+    m = module(stage1, phema={"sigma_rels": (0.05,), "snapshot_every": 12, "snapshot_unit": "images"})
+    trainer(tmp_path, max_steps=6, accumulate_grad_batches=2).fit(m, loader(n=48))
+    files = snapshot_files(tmp_path)
+    assert [f.name for f in files] == [snapshot_name(u) for u in (2, 3, 5, 6)]
+    assert [torch.load(f, weights_only=True)["images"] for f in files] == [16, 24, 40, 48]
 
 
 def test_snapshots_resume_and_reconstruction(tmp_path, stage1, capsys, monkeypatch):

@@ -145,6 +145,15 @@ class EPGModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._flops_batch_size = int(batch[0].shape[0])
 
+    @property
+    def images_per_update(self) -> int:
+        """Images per applied update: this device's last batch × devices × accumulated micro-batches (0 before the
+        first batch)."""
+        size = getattr(self, "_flops_batch_size", 0)
+        if not size or self._trainer is None:
+            return size
+        return size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
     def sharded_networks(self) -> list[nn.Module]:
         """Networks to shard under FSDP2 (``ModelParallelStrategy``): the trained one first, then its copies."""
         return []

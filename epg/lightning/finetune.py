@@ -61,7 +61,8 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
         grad_clip: global-norm clip applied once ``warmup_steps`` updates are done; 0 turns it off.
         ema_rates: sampling EMA rates, each updated after every applied update from the start (no EMA warm-up).
         phema: post-hoc EMA (method.md §13): :class:`~epg.lightning.phema.PhemaOptions` (σ_rels, snapshot_every,
-            snapshot_dtype); power-function copies under ``phema.nets.<i>.``, snapshots in ``<run folder>/phema``.
+            snapshot_unit, snapshot_dtype); power-function copies under ``phema.nets.<i>.``, snapshots in
+            ``<run folder>/phema``.
         normalization: pixel normalisation of the data (§1.1), kept for samplers reading the checkpoint.
         seed: seeds the training noise draws per (seed, step, micro-batch, rank): ranks and accumulated micro-batches
             draw independently (method.md §4), and a resumed run continues with the draws it would have made.
@@ -195,7 +196,7 @@ class FinetuneModule(Stage1Weights, DenoiserEvaluation):
         if self.target_net is not None:
             ema_update_(self.target_net, self.net, 0.0)
         if self.phema is not None:  # t = applied updates; a due snapshot goes to <run folder>/phema
-            self.phema.after_update(self.net, self.updates, self._trainer)
+            self.phema.after_update(self.net, self.updates, self._trainer, self.images_per_update)
 
     # ---- training ----------------------------------------------------------------------------------------------
     def noise_generator(self, device: torch.device, micro_batch: int = 0) -> torch.Generator:
