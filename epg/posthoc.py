@@ -18,10 +18,17 @@ import torch
 
 from epg.checkpoint import read_checkpoint
 from epg.io import save_torch
-from epg.lightning.phema import SNAPSHOT_FOLDER, SNAPSHOT_VERSION
 from epg.method.phema import DISCRETE_LIMIT, profile_error, solve_coefficients
 
-RECONSTRUCTED_FOLDER = "reconstructed"
+# The snapshot format, written during training by epg.lightning.phema.PowerEMAs (this module imports no Lightning).
+SNAPSHOT_VERSION = 1
+SNAPSHOT_FOLDER = "phema"  # under the run folder
+RECONSTRUCTED_FOLDER = "reconstructed"  # under SNAPSHOT_FOLDER
+
+
+def snapshot_name(updates: int) -> str:
+    """File name of the snapshot written after ``updates`` applied updates."""
+    return f"phema-{updates:09d}.pt"
 
 
 @dataclass

@@ -267,6 +267,15 @@ def test_no_import_cycles():
     assert not found, "import cycles:\n" + cycle_report(EDGES)
 
 
+def test_no_cycles_between_subpackages():
+    """The floors are layered: no two subpackages (or top-level modules) import each other, even through others
+    (e.g. the post-hoc EMA snapshot format lives in epg.posthoc, which epg.lightning and epg.eval both read)."""
+    floors = package_graph(GRAPH)
+    edges = {source: {t: None for t in targets if t.startswith("epg")} for source, targets in floors.items()}
+    assert "epg.posthoc" in edges["epg.lightning"] and "epg.posthoc" in edges["epg.eval"]
+    assert not cycles(edges), format_package_graph(floors)
+
+
 @pytest.mark.parametrize("prefix", LOWER_FLOORS)
 def test_lower_floors_import_neither_lightning_nor_the_upper_floors(prefix):
     bad = []
@@ -331,11 +340,11 @@ def test_only_the_datamodule_imports_lightning_under_epg_data():
 
 
 def test_checkpoint_and_lower_floors_load_without_lightning():
-    """In a fresh interpreter, importing these (and using load_denoiser's module) loads no Lightning module; nor does
-    the sample-folder library that `epg sample` runs."""
+    """In a fresh interpreter, importing these (and using load_denoiser's module) loads no Lightning module; nor do
+    the sample-folder library that `epg sample` runs and the post-hoc EMA reconstruction of `epg ema`."""
     code = (
         "import sys\n"
-        "import epg.checkpoint, epg.sampling, epg.sampling.run, epg.nn, epg.method, epg.io\n"
+        "import epg.checkpoint, epg.sampling, epg.sampling.run, epg.nn, epg.method, epg.io, epg.posthoc\n"
         "assert callable(epg.checkpoint.load_denoiser) and callable(epg.checkpoint.read_checkpoint)\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {LIGHTNING!r} or m.startswith(('epg.lightning', "
         "'epg.eval')))\n"

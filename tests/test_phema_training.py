@@ -10,9 +10,9 @@ import torch
 
 from epg.checkpoint import load_denoiser
 from epg.lightning.finetune import FinetuneModule
-from epg.lightning.phema import PhemaOptions, snapshot_name
+from epg.lightning.phema import PhemaOptions
 from epg.method.phema import discrete_weights, gamma_of_sigma_rel
-from epg.posthoc import reconstruct, reconstruct_run, snapshot_files
+from epg.posthoc import reconstruct, reconstruct_run, snapshot_files, snapshot_name
 from tests.test_finetune_module import NANO, write_stage1
 from tests.test_finetune_trainer import loader, trainer
 

@@ -10,7 +10,8 @@ reaches or crosses each multiple), into ``<run folder>/phema/phema-<t>.pt``. A s
      "parameters": [names the EMA averages], "state_dicts": [network state dict of copy i, ...]}
 
 named by t, so a run that resumes from an earlier checkpoint rewrites the same files (atomically, same bytes)
-instead of adding or losing any. :mod:`epg.posthoc` reads them back and reconstructs other profiles.
+instead of adding or losing any. :mod:`epg.posthoc` (which owns the format) reads them back and reconstructs
+other profiles.
 """
 
 from __future__ import annotations
@@ -25,16 +26,10 @@ from torch import nn
 
 from epg.io import save_torch
 from epg.method.phema import gamma_of_sigma_rel, power_ema_update_
+from epg.posthoc import SNAPSHOT_FOLDER, SNAPSHOT_VERSION, snapshot_name
 
-SNAPSHOT_VERSION = 1
-SNAPSHOT_FOLDER = "phema"
 SNAPSHOT_UNITS = ("updates", "images")
 SNAPSHOT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "network": None}
-
-
-def snapshot_name(updates: int) -> str:
-    """File name of the snapshot written after ``updates`` applied updates."""
-    return f"phema-{updates:09d}.pt"
 
 
 @dataclass
