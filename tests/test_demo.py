@@ -17,7 +17,7 @@ CONFIGS = default_config_dir()
 
 def test_bad_sigma_rel_is_one_line(capsys) -> None:
     assert main(["--sigma-rel", "0.5", "--out", "unused"]) == 1
-    assert "each σ_rel must lie in (0, 0.3)" in capsys.readouterr().err
+    assert "epg demo: --sigma-rel: σ_rel must lie in (0, 0.3003)" in capsys.readouterr().err
 
 
 def test_checkpoint_every_divides_the_run() -> None:

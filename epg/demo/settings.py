@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from epg.method.phema import gamma_of_sigma_rel
+
 OBJECTIVES = {"diffusion": "finetune_dm", "consistency": "finetune_cm"}
 DEVICES = ("cpu", "gpu")
 # Per device: FID sample count, reference size (the val split has 500 digits), eval batch.
@@ -87,8 +89,11 @@ class DemoSettings:
         self.fid_ref = min(self.fid_ref or defaults["fid_ref"], VAL_DIGITS)
         if self.fid_samples < 2 or self.fid_ref < 2:
             raise DemoError("--fid-samples and --fid-ref must be at least 2 (a covariance needs 2 images)")
-        if any(not 0.0 < s < 0.3 for s in self.sigma_rels):  # σ_rel ≤ 0.3003 (γ ≥ 0), method.md §13
-            raise DemoError(f"--sigma-rel {self.sigma_rels}: each σ_rel must lie in (0, 0.3)")
+        for sigma_rel in self.sigma_rels:
+            try:
+                gamma_of_sigma_rel(sigma_rel)  # the range of a power-function profile, method.md §13
+            except ValueError as err:
+                raise DemoError(f"--sigma-rel: {err}") from None
         cores = os.cpu_count() or 1
         self.threads = self.threads or (min(cores, 8) if self.device == "cpu" else min(cores, 16))
 
