@@ -49,8 +49,38 @@ def test_ddp_fit_each_stage(mode, tmp_path):
         assert load_denoiser(ckpt).weights == "ema:0.9999"
 
 
+class _Mesh:
+    """A stand-in for a 2-D DeviceMesh (names and sizes only)."""
+
+    def __init__(self, **sizes: int) -> None:
+        self.sizes = sizes
+        self.mesh_dim_names = tuple(sizes)
+
+    def __getitem__(self, name: str):
+        size = self.sizes[name]
+        return type("Sub", (), {"size": lambda self: size})()
+
+
+def test_a_tensor_parallel_mesh_is_refused():
+    """Lightning's ModelParallelStrategy defaults to tensor_parallel_size = devices per node; EPG shards over the
+    data-parallel axis only, so the ranks of that axis would train unsynchronised copies: one-line ConfigError."""
+    from epg.lightning.faults import ConfigError
+    from epg.lightning.finetune import FinetuneModule
+
+    module = FinetuneModule(preset="EPG-Nano/4", warmup_steps=1, total_steps=10)
+    module._device_mesh = _Mesh(data_parallel=1, tensor_parallel=2)
+    with pytest.raises(ConfigError, match="tensor-parallel axis of size 2") as err:
+        module.configure_model()
+    assert str(err.value).startswith("trainer.strategy: ") and "\n" not in str(err.value)
+
+
 def test_fsdp_shards_saves_and_resumes(tmp_path):
     """AtomicModelParallelStrategy + fully_shard on 2 CPU ranks: sharded save, exact state restore, continued run.
+
+    The strategy's default mesh is pure FSDP2 (data_parallel_size 2): each rank holds half of every block's weights
+    (asserted in the script); with Lightning's default (tensor_parallel_size 2, data_parallel_size 1) each rank
+    held whole, unsynchronised copies and the checkpoint a mix of both ranks' tensors (the post-hoc EMA snapshot
+    check below found it).
 
     ``last.ckpt/`` is saved over itself after every step, each time replaced as a whole folder.
     """
@@ -72,6 +102,14 @@ def test_fsdp_shards_saves_and_resumes(tmp_path):
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     assert any(k.startswith("ema_nets.1.") for k in a["state_dict"])
+    assert any(k.startswith("phema.nets.1.") for k in a["state_dict"])  # post-hoc EMA copies, sharded (§13)
+    # Their snapshots hold the whole (gathered) copies, written once by rank 0: the last one equals the checkpoint's.
+    snaps = sorted(p.name for p in (tmp_path / "a" / "phema").iterdir())
+    assert snaps == [f"phema-{t:09d}.pt" for t in (1, 2, 3)], snaps
+    snap = torch.load(tmp_path / "a" / "phema" / snaps[-1], weights_only=True)
+    for i in (0, 1):
+        for key, value in snap["state_dicts"][i].items():
+            assert torch.equal(value, a["state_dict"][f"phema.nets.{i}.{key}"]), (i, key)
     for pid, state in a["optimizer_0"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer_0"]["state"][pid][name]), (pid, name)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from epg.io import save_torch
-from epg.lightning.faults import NonFiniteLossError, NonFiniteWatch
+from epg.lightning.faults import ConfigError, NonFiniteLossError, NonFiniteWatch
 from epg.method.objectives import Objective, Terms
 from epg.nn.flops import train_flops_per_image
 
@@ -189,7 +189,17 @@ class EPGModule(L.LightningModule):
         from epg.nn.decoder import DecoderBlock
         from epg.nn.layers import Block
 
-        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError(
+                "trainer.strategy",
+                f"the device mesh has a tensor-parallel axis of size {mesh['tensor_parallel'].size()} (Lightning's "
+                "ModelParallelStrategy default: the devices of a node), but EPG shards with FSDP2 over data-parallel "
+                "ranks only, so those ranks would train unsynchronised copies on the same batches; use "
+                "epg.lightning.faults.AtomicModelParallelStrategy (pure FSDP2) or set tensor_parallel_size: 1 and "
+                "data_parallel_size: devices x nodes",
+            )
+        if "data_parallel" in names:
             mesh = mesh["data_parallel"]
         for net in self.sharded_networks():
             if isinstance(net, FSDPModule):

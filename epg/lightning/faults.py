@@ -72,7 +72,21 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     The folder must be on a file system all ranks share. Full (``save_distributed_checkpoint=False``) checkpoints
     keep the parent's single-file save through the CheckpointIO (:class:`AtomicCheckpointIO` under EPGCLI).
     In a config: ``trainer.strategy: {class_path: epg.lightning.faults.AtomicModelParallelStrategy}``.
+
+    The device mesh is pure FSDP2 by default: ``data_parallel_size`` = every rank (devices × nodes),
+    ``tensor_parallel_size`` 1. Lightning's own default ("auto" for both) puts the devices of a node on a
+    tensor-parallel axis, which the EPG modules do not implement (they shard over the data-parallel axis only): the
+    ranks of a node would then read the same batches and train unsynchronised copies, and a sharded checkpoint would
+    hold a mix of them (:meth:`epg.lightning.base.EPGModule.configure_model` refuses such a mesh).
     """
+
+    def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int | str = 1, **kwargs) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and self._tensor_parallel_size == 1:
+            self._data_parallel_size = self.num_nodes * self.num_processes  # every rank shards the same networks
+        super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint or storage_options is not None:

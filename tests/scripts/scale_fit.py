@@ -139,8 +139,14 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(Digits(n), batch_size=local, drop_last=True)
         t = trainer(args, ddp)
     elif args.mode == "fsdp":
+        phema = {"sigma_rels": (0.05, 0.1), "snapshot_every": 1, "snapshot_dtype": "float32"}  # method.md §13
         module = FinetuneModule(
-            preset="EPG-Nano/4", warmup_steps=2, total_steps=100, sample_every_n_val=0, ema_rates=(0.9, 0.5)
+            preset="EPG-Nano/4",
+            warmup_steps=2,
+            total_steps=100,
+            sample_every_n_val=0,
+            ema_rates=(0.9, 0.5),
+            phema=phema,
         )
         loader = torch.utils.data.DataLoader(Digits(n), batch_size=local, drop_last=True)
         last = ModelCheckpoint(os.path.join(args.out, "ckpts"), save_last=True, save_top_k=0, every_n_train_steps=1)
@@ -150,6 +156,9 @@ def main() -> None:
     t.fit(module, loader, ckpt_path=args.resume)
     if args.mode == "fsdp":  # parameters really are sharded across the ranks
         assert type(module.net.encoder.pos_embed).__name__ == "DTensor"
+        qkv = module.net.encoder.blocks[0].attn.qkv.weight  # (96, 32): 48 rows on each of the 2 ranks
+        assert tuple(qkv.shape) == (96, 32) and tuple(qkv.to_local().shape) == (48, 32), qkv.to_local().shape
+        assert type(module.phema.nets[1].encoder.pos_embed).__name__ == "DTensor"  # the post-hoc EMA copies too
     path = os.path.join(args.out, f"final_{args.mode}_{args.steps}.ckpt")
     t.save_checkpoint(path)
     if t.global_rank == 0:
