@@ -12,6 +12,7 @@ are written to the output folder (the device tool brings back at most 8 files).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
 import os
@@ -205,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-lifecycle", action="store_true", help="leave out the config lifecycle runs")
     parser.add_argument("--lifecycle-timeout", type=int, default=300, help="seconds per lifecycle run")
     parser.add_argument("--demo-timeout", type=int, default=900, help="seconds per demo run")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="runs at a time (default: 1 on a GPU, whose timings must not share it; 2 on the CPU smoke path, whose "
+        "subprocesses spend most of their time importing on one core)",
+    )
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         demo_dir = Path(tempfile.mkdtemp(prefix="epg_gpu_check_demo_"))
         demo = functools.partial(run_demo, demo_dir=demo_dir)
         runs += [(demo, args.demo_timeout, *run) for run in (DEMO_GPU if gpu else DEMO_CPU)]
-    records = []
-    for runner, timeout, name, run_args, target, check in runs:
+
+    def run(entry: tuple) -> dict:
+        runner, timeout, name, run_args, target, check = entry
         try:
             record = runner(name, run_args, out_dir, timeout)
         except subprocess.TimeoutExpired:  # run_demo's (the JSON tools record their own time-outs)
@@ -235,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         result = record.get("result")
         if result is not None and callable(check):
             record["meets_target"] = bool(check(result))
-        records.append(record)
         print(json.dumps(record), flush=True)
+        return record
+
+    jobs = args.jobs or (1 if gpu else min(2, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        records = list(pool.map(run, runs))  # in the order of `runs`
     by_name = {r["name"]: r.get("result") for r in records}
     base, fast = by_name.get("pretrain_b16_fp16_eager"), by_name.get("pretrain_b16_bf16_compile")
     if base and fast:
@@ -248,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "mode": "gpu" if gpu else "cpu-smoke (targets not measured: no GPU)",
         "environment": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if gpu else None},
+        "jobs": jobs,
         "runs": records,
         "all_ran": all("result" in r for r in records),
     }
