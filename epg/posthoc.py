@@ -50,8 +50,9 @@ def snapshot_files(run: str | os.PathLike) -> list[Path]:
     return sorted(folder.glob("phema-*.pt"))
 
 
-def _read(path: Path) -> dict:
-    snap = torch.load(path, map_location="cpu", weights_only=True)
+def _read(path: Path, mmap: bool = False) -> dict:
+    """A snapshot file, checked for the format; ``mmap``: tensors are mapped, not read (for the headers)."""
+    snap = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if not isinstance(snap, dict) or snap.get("epg_phema_snapshot") != SNAPSHOT_VERSION:
         raise ValueError(f"{path} is not a post-hoc EMA snapshot of version {SNAPSHOT_VERSION}")
     return snap
@@ -63,9 +64,7 @@ def snapshot_headers(run: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     files = snapshot_files(run) if isinstance(run, str | os.PathLike) else [Path(p) for p in run]
     out = []
     for path in files:
-        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if snap.get("epg_phema_snapshot") != SNAPSHOT_VERSION:
-            raise ValueError(f"{path} is not a post-hoc EMA snapshot of version {SNAPSHOT_VERSION}")
+        snap = _read(path, mmap=True)
         out.append((path, int(snap["updates"]), [float(s) for s in snap["sigma_rels"]]))
     return sorted(out, key=lambda h: h[1])
 

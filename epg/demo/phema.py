@@ -20,7 +20,9 @@ RECONSTRUCTED_FOLDER = "phema_reconstructed"  # under the stage-2 run folder, be
 
 def has_snapshots(run: Path) -> bool:
     """Whether the run folder holds post-hoc EMA snapshots (``<run>/phema/phema-*.pt``)."""
-    return any((run / "phema").glob("phema-*.pt"))
+    from epg.posthoc import snapshot_files
+
+    return bool(snapshot_files(run))
 
 
 def evaluate_phema(run: Path, ckpt: Path, data_dir: Path, demo: DemoSettings, cfg: dict, start: float) -> dict:
